@@ -1,0 +1,146 @@
+//! The DMR agent.
+//!
+//! Internal services POST v1 messages to the REST API ([`api`]); the agent encrypts each for its
+//! recipient and sends it up its one mutual-TLS gRPC stream ([`link`]). Deliveries coming down the
+//! stream are decrypted, verified and POSTed to `OUTGOING_MESSAGE_ENDPOINT` ([`inbox`]).
+//!
+//! **Invariant:** the private key never leaves this process: it signs, decrypts and authenticates
+//! the TLS client, and is never logged or sent.
+
+pub mod api;
+pub mod config;
+pub mod inbox;
+pub mod link;
+pub mod metrics;
+pub mod openapi;
+pub mod recent;
+
+use config::AgentConfig;
+use dmr::keys::PrivateKey;
+use link::{DirectoryCell, Link};
+use metrics::Metrics;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Start-up failures, each naming what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A setting is wrong.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// A file could not be read.
+    #[error("{what} {path}: {source}")]
+    File {
+        /// Which setting.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The private key is unusable.
+    #[error("AGENT_PRIVATE_KEY: {0}")]
+    Key(#[from] dmr::keys::KeyError),
+    /// The REST port could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// An agent with its REST port bound, ready to run.
+pub struct Agent {
+    link: Arc<Link>,
+    inbox: Arc<inbox::Inbox>,
+    api: Arc<api::ApiState>,
+    listener: TcpListener,
+    max_body: usize,
+    shutdown_timeout: Duration,
+}
+
+impl Agent {
+    /// Loads keys and certificates and binds the REST port (port 0 picks a free one).
+    pub async fn bind(cfg: AgentConfig) -> Result<Self, StartError> {
+        if !dmr::message::is_uuid(&cfg.agent_id) {
+            return Err(StartError::Config(format!("AGENT_ID {:?} is not a UUID", cfg.agent_id)));
+        }
+        let key = Arc::new(PrivateKey::from_pem(&cfg.private_key_pem()?)?);
+        let metrics = Arc::new(Metrics::new());
+        let directory = Arc::new(DirectoryCell::default());
+        let link = Link::new(cfg.clone(), &key.to_pkcs8_pem()?, directory.clone(), metrics.clone())?;
+        let inbox = inbox::Inbox::new(
+            key.clone(),
+            directory,
+            cfg.outgoing_message_endpoint.clone(),
+            Duration::from_millis(cfg.outgoing_message_timeout_ms),
+            cfg.duplicate_suppression_window,
+            metrics.clone(),
+        )
+        .map_err(|e| StartError::Config(format!("HTTP client: {e}")))?;
+        let api = api::ApiState::new(cfg.agent_id.to_ascii_lowercase(), key, link.clone(), metrics);
+        let addr = format!("{}:{}", cfg.bind_address, cfg.port);
+        let listener = TcpListener::bind(&addr)
+            .await
+            .map_err(|source| StartError::Bind { addr, source })?;
+        Ok(Self {
+            link,
+            inbox,
+            api,
+            listener,
+            max_body: cfg.message_max_bytes,
+            shutdown_timeout: Duration::from_millis(cfg.shutdown_timeout_ms),
+        })
+    }
+
+    /// The bound REST address.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// The stream (for tests and the dev runner).
+    pub fn link(&self) -> &Arc<Link> {
+        &self.link
+    }
+
+    /// Runs until `shutdown`. Then it stops taking REST requests, lets those in flight get their
+    /// answer from the server, finishes the delivery in hand, and closes the stream — or gives up
+    /// after `SHUTDOWN_TIMEOUT_MS` (undelivered messages stay in RabbitMQ).
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), StartError> {
+        let link_stop = CancellationToken::new();
+        let link_task = tokio::spawn(self.link.clone().run(self.inbox.clone(), link_stop.clone()));
+        let app = api::router(self.api.clone(), self.max_body);
+        let listener = self.listener;
+        let everything = async {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+                .await;
+            link_stop.cancel();
+            let _ = link_task.await;
+            served
+        };
+        let overdue = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(self.shutdown_timeout).await;
+        };
+        let served = tokio::select! {
+            served = everything => served,
+            () = overdue => {
+                tracing::warn!("shutdown deadline passed; exiting with work still open");
+                Ok(())
+            }
+        };
+        served.map_err(|source| StartError::Bind {
+            addr: "REST".into(),
+            source,
+        })
+    }
+}

@@ -1,0 +1,119 @@
+//! Prometheus metrics of the agent, with the original's names (compat §9). "Socket" metrics
+//! describe the gRPC stream so the original alert rules keep working.
+
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+/// All agent metrics.
+pub struct Metrics {
+    /// The registry behind `/metrics`.
+    pub registry: Registry,
+    /// HTTP requests by method and route.
+    pub http_requests: IntCounterVec,
+    /// HTTP request durations by method, route and status.
+    pub http_duration: HistogramVec,
+    /// HTTP answers with status ≥ 400.
+    pub http_errors: IntCounter,
+    /// HTTP answers with status < 400.
+    pub http_success: IntCounter,
+    /// 1 while the stream to the server is open.
+    pub connection_active: IntGauge,
+    /// How long streams lasted.
+    pub connection_duration: Histogram,
+    /// Stream failures.
+    pub socket_errors: IntCounter,
+    /// Frames received from the server, by event.
+    pub events_received: IntCounterVec,
+    /// Frames sent to the server, by event.
+    pub events_sent: IntCounterVec,
+    /// Time to decrypt and hand an incoming message to the internal endpoint.
+    pub message_processing: Histogram,
+    /// Redeliveries of already delivered messages that were not POSTed again.
+    pub duplicates_suppressed: IntCounter,
+}
+
+fn latency_buckets() -> Vec<f64> {
+    vec![
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ]
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        macro_rules! reg {
+            ($m:expr) => {{
+                let m = $m.unwrap_or_else(|_| unreachable!("static metric definitions are valid"));
+                let _ = registry.register(Box::new(m.clone()));
+                m
+            }};
+        }
+        Self {
+            http_requests: reg!(IntCounterVec::new(
+                Opts::new("dmr_http_requests_total", "HTTP requests"),
+                &["method", "route"]
+            )),
+            http_duration: reg!(HistogramVec::new(
+                HistogramOpts::new("dmr_http_request_duration_seconds", "HTTP request duration")
+                    .buckets(latency_buckets()),
+                &["method", "route", "status"]
+            )),
+            http_errors: reg!(IntCounter::new(
+                "dmr_http_errors_total",
+                "HTTP answers with status >= 400"
+            )),
+            http_success: reg!(IntCounter::new(
+                "dmr_http_success_total",
+                "HTTP answers with status < 400"
+            )),
+            connection_active: reg!(IntGauge::new(
+                "dmr_agent_socket_connection_active",
+                "1 while the stream to the DMR server is open"
+            )),
+            connection_duration: reg!(Histogram::with_opts(
+                HistogramOpts::new(
+                    "dmr_socket_connection_duration_seconds",
+                    "Duration of streams to the DMR server"
+                )
+                .buckets(vec![1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0])
+            )),
+            socket_errors: reg!(IntCounter::new("dmr_socket_errors_total", "Stream failures")),
+            events_received: reg!(IntCounterVec::new(
+                Opts::new(
+                    "dmr_socket_events_received_total",
+                    "Frames received from the DMR server"
+                ),
+                &["event"]
+            )),
+            events_sent: reg!(IntCounterVec::new(
+                Opts::new("dmr_socket_events_sent_total", "Frames sent to the DMR server"),
+                &["event"]
+            )),
+            message_processing: reg!(Histogram::with_opts(
+                HistogramOpts::new(
+                    "dmr_message_processing_duration_seconds",
+                    "Incoming message handling time"
+                )
+                .buckets(latency_buckets())
+            )),
+            duplicates_suppressed: reg!(IntCounter::new(
+                "dmr_duplicates_suppressed_total",
+                "Redeliveries of already delivered messages that were not POSTed again"
+            )),
+            registry,
+        }
+    }
+
+    /// The text exposition.
+    pub fn render(&self) -> String {
+        prometheus::TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

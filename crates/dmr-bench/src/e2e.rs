@@ -1,0 +1,304 @@
+//! End-to-end scenario with real crypto: HTTP clients POST v1 messages to real in-process agents'
+//! REST APIs → server → RabbitMQ → server → receiving agents → an in-process sink. The send
+//! instant travels inside the message content, so latency runs from the start of the POST to the
+//! plaintext's arrival at the sink. REST response times are reported in their own row.
+//!
+//! Sending agents run on one runtime (threads `agent-snd`), receiving agents on another
+//! (`agent-rcv`), the server on a third (`srv`), clients and sink on the bench's own.
+
+use crate::fixture::{Pki, ServerHandle, delete_queues, runtime, server_config, v1_message};
+use crate::measure::{CpuSnapshot, Percentiles, Row, reset_peak_rss, status_kib};
+use crate::now_ns;
+use dmr_server::config::RabbitConfig;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// One offered load.
+#[derive(Clone, Copy)]
+pub enum Load {
+    /// Messages per second, open loop (each POST starts on schedule, up to 512 outstanding).
+    Rate(f64),
+    /// `n` clients each POSTing back to back (closed loop).
+    Clients(usize),
+}
+
+pub struct E2ePlan {
+    pub pairs: usize,
+    pub loads: Vec<Load>,
+    pub seconds: f64,
+}
+
+#[derive(Default)]
+struct Sink {
+    latencies: Mutex<Vec<Duration>>,
+    last: Mutex<Option<Instant>>,
+    received: AtomicUsize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+async fn start_sink(sink: Arc<Sink>) -> anyhow::Result<String> {
+    let app = axum::Router::new().route(
+        "/",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let sink = sink.clone();
+            async move {
+                let value: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                let sent = value["payload"]["messages"][0]["content"]
+                    .as_str()
+                    .and_then(|s| s.parse::<u64>().ok());
+                if let Some(sent) = sent {
+                    lock(&sink.latencies).push(Duration::from_nanos(now_ns().saturating_sub(sent)));
+                    *lock(&sink.last) = Some(Instant::now());
+                    sink.received.fetch_add(1, Ordering::SeqCst);
+                }
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(url)
+}
+
+/// Starts a real agent on `rt`; returns its REST address and its link.
+async fn start_agent(
+    rt: &tokio::runtime::Runtime,
+    cfg: dmr_agent::config::AgentConfig,
+    stop: CancellationToken,
+) -> anyhow::Result<(SocketAddr, Arc<dmr_agent::link::Link>)> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    rt.spawn(async move {
+        match dmr_agent::Agent::bind(cfg).await {
+            Ok(agent) => {
+                let _ = tx.send(Ok((agent.http_addr(), agent.link().clone())));
+                let _ = agent.run(stop).await;
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e.to_string()));
+            }
+        }
+    });
+    rx.await?.map_err(|e| anyhow::anyhow!("agent: {e}"))
+}
+
+pub async fn run(
+    rabbit: &RabbitConfig,
+    plan: &E2ePlan,
+    cache: &Path,
+    broker_pid: Option<u32>,
+    crypto_ceiling: f64,
+) -> anyhow::Result<Vec<Row>> {
+    let pki = Pki::new()?;
+    let agents = pki.agents(plan.pairs * 2, cache)?;
+    let cfg = server_config(&pki, &pki.centops(&agents)?, rabbit);
+    let server = ServerHandle::start(cfg).await?;
+    let vf = server.validation_failures_queue();
+    let sink = Arc::new(Sink::default());
+    let sink_url = start_sink(sink.clone()).await?;
+    let senders_rt = runtime("agent-snd")?;
+    let receivers_rt = runtime("agent-rcv")?;
+    let stop = CancellationToken::new();
+    let mut rest = Vec::new();
+    let mut links = Vec::new();
+    for (i, creds) in agents.iter().enumerate() {
+        let key = pki.write(&format!("{}.key", creds.id), &creds.key_pem)?;
+        let cert = pki.write(&format!("{}.crt", creds.id), &creds.cert_pem)?;
+        let mut cfg = dmr_agent::config::AgentConfig::new(
+            creds.id.clone(),
+            key,
+            cert,
+            pki.ca_file.clone(),
+            format!("https://localhost:{}", server.grpc.port()),
+            sink_url.clone(),
+        );
+        cfg.bind_address = "127.0.0.1".into();
+        cfg.port = 0;
+        let rt = if i % 2 == 0 { &senders_rt } else { &receivers_rt };
+        let (addr, link) = start_agent(rt, cfg, stop.clone()).await?;
+        if i % 2 == 0 {
+            rest.push((addr, agents[i + 1].id.clone()));
+        }
+        links.push(link);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !links
+        .iter()
+        .all(|l| l.is_connected() && l.directory().len() == agents.len())
+    {
+        anyhow::ensure!(Instant::now() < deadline, "agents did not connect within 30 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let result = sweep(&rest, &sink, plan, broker_pid, crypto_ceiling).await;
+    stop.cancel();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    senders_rt.shutdown_background();
+    receivers_rt.shutdown_background();
+    server.stop().await;
+    delete_queues(&rabbit.uri(), &agents, &[vf]).await?;
+    result
+}
+
+#[derive(Default)]
+struct Clients {
+    rest: Mutex<Vec<Duration>>,
+    refused: AtomicUsize,
+    first_refusal: Mutex<Option<String>>,
+    sent: AtomicUsize,
+}
+
+async fn post_one(http: &reqwest::Client, target: &(SocketAddr, String), clients: &Clients) {
+    let started = Instant::now();
+    let body = v1_message(&target.1, &now_ns().to_string());
+    clients.sent.fetch_add(1, Ordering::SeqCst);
+    let outcome = http
+        .post(format!("http://{}/v1/messages", target.0))
+        .json(&body)
+        .send()
+        .await;
+    let elapsed = started.elapsed();
+    lock(&clients.rest).push(elapsed);
+    let refusal = match outcome {
+        Ok(r) if r.status() == reqwest::StatusCode::OK => None,
+        Ok(r) => Some(format!("{} {}", r.status(), r.text().await.unwrap_or_default())),
+        Err(e) => Some(e.to_string()),
+    };
+    if let Some(why) = refusal {
+        clients.refused.fetch_add(1, Ordering::SeqCst);
+        lock(&clients.first_refusal).get_or_insert(why);
+    }
+}
+
+async fn sweep(
+    rest: &[(SocketAddr, String)],
+    sink: &Arc<Sink>,
+    plan: &E2ePlan,
+    broker_pid: Option<u32>,
+    crypto_ceiling: f64,
+) -> anyhow::Result<Vec<Row>> {
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(1024)
+        .tcp_nodelay(true)
+        .build()?;
+    // Warm-up: connections, first RSA operations; not reported.
+    one_load(&http, rest, sink, Load::Clients(4), 0.5, broker_pid).await;
+    let mut rows = Vec::new();
+    for &load in &plan.loads {
+        let (mut e2e, mut rest_row) = one_load(&http, rest, sink, load, plan.seconds, broker_pid).await;
+        let name = format!("e2e {} pair{}", plan.pairs, if plan.pairs == 1 { "" } else { "s" });
+        e2e.scenario = name.clone();
+        e2e.ceiling = Some("crypto (2 thr)".into());
+        e2e.ceiling_value = Some(crypto_ceiling);
+        e2e.ratio = Some(e2e.msg_per_s / crypto_ceiling);
+        rest_row.scenario = format!("{name}: REST response");
+        e2e.print();
+        rest_row.print();
+        rows.push(e2e);
+        rows.push(rest_row);
+    }
+    Ok(rows)
+}
+
+async fn one_load(
+    http: &reqwest::Client,
+    rest: &[(SocketAddr, String)],
+    sink: &Arc<Sink>,
+    load: Load,
+    seconds: f64,
+    broker_pid: Option<u32>,
+) -> (Row, Row) {
+    lock(&sink.latencies).clear();
+    *lock(&sink.last) = None;
+    sink.received.store(0, Ordering::SeqCst);
+    let clients = Arc::new(Clients::default());
+    reset_peak_rss();
+    let cpu0 = CpuSnapshot::take(broker_pid);
+    let t0 = Instant::now();
+    let end = t0 + Duration::from_secs_f64(seconds);
+    match load {
+        Load::Rate(rate) => {
+            let outstanding = Arc::new(tokio::sync::Semaphore::new(512));
+            let mut handles = Vec::new();
+            for i in 0.. {
+                let at = t0 + Duration::from_secs_f64(i as f64 / rate);
+                if at >= end {
+                    break;
+                }
+                tokio::time::sleep_until(at.into()).await;
+                let Ok(permit) = outstanding.clone().acquire_owned().await else {
+                    break;
+                };
+                let (http, clients, target) = (http.clone(), clients.clone(), rest[i % rest.len()].clone());
+                handles.push(tokio::spawn(async move {
+                    post_one(&http, &target, &clients).await;
+                    drop(permit);
+                }));
+            }
+            futures::future::join_all(handles).await;
+        }
+        Load::Clients(n) => {
+            let handles: Vec<_> = (0..n)
+                .map(|c| {
+                    let (http, clients, target) = (http.clone(), clients.clone(), rest[c % rest.len()].clone());
+                    tokio::spawn(async move {
+                        while Instant::now() < end {
+                            post_one(&http, &target, &clients).await;
+                        }
+                    })
+                })
+                .collect();
+            futures::future::join_all(handles).await;
+        }
+    }
+    let sent = clients.sent.load(Ordering::SeqCst);
+    let refused = clients.refused.load(Ordering::SeqCst);
+    let accepted = sent - refused;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sink.received.load(Ordering::SeqCst) < accepted && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let cpu = CpuSnapshot::take(broker_pid).since(&cpu0, true);
+    let received = sink.received.load(Ordering::SeqCst);
+    let last = lock(&sink.last).unwrap_or(t0);
+    let secs = last.duration_since(t0).as_secs_f64().max(1e-9);
+    let mut latencies = std::mem::take(&mut *lock(&sink.latencies));
+    let mut rest_times = std::mem::take(&mut *lock(&clients.rest));
+    let offered = match load {
+        Load::Rate(r) => format!("{r:.0}/s"),
+        Load::Clients(n) => format!("max ({n} clients)"),
+    };
+    let peak = status_kib("self", "VmHWM") / 1024.0;
+    let e2e = Row {
+        load: offered.clone(),
+        messages: received,
+        msg_per_s: received as f64 / secs,
+        latency_ms: Percentiles::of(&mut latencies),
+        cpu_s: Some(cpu),
+        peak_rss_mib: Some(peak),
+        errors: refused + accepted.saturating_sub(received),
+        note: format!(
+            "POST start → plaintext at sink{}",
+            lock(&clients.first_refusal)
+                .as_ref()
+                .map_or(String::new(), |w| format!("; {refused} refused, first: {w}"))
+        ),
+        ..Row::default()
+    };
+    let rest_row = Row {
+        load: offered,
+        messages: rest_times.len(),
+        msg_per_s: rest_times.len() as f64 / seconds,
+        latency_ms: Percentiles::of(&mut rest_times),
+        errors: refused,
+        note: "POST /v1/messages answered (sign+encrypt, confirmed publish)".into(),
+        ..Row::default()
+    };
+    (e2e, rest_row)
+}

@@ -1,0 +1,270 @@
+//! Server configuration, parsed once from the environment (original names where the meaning is
+//! the same, compat §8). Secrets never appear in `Debug` output.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Everything the server needs to run.
+#[derive(Clone, clap::Args)]
+pub struct ServerConfig {
+    /// HTTP port: /metrics, /health, /ready (and the legacy Socket.IO edge).
+    #[arg(long, env = "PORT", default_value_t = 8075)]
+    pub port: u16,
+    /// gRPC port (mutual TLS) for agent streams.
+    #[arg(long, env = "GRPC_PORT", default_value_t = 8076)]
+    pub grpc_port: u16,
+    /// Address both listeners bind to.
+    #[arg(long, env = "BIND_ADDRESS", default_value = "0.0.0.0")]
+    pub bind_address: String,
+    /// Server certificate chain (PEM).
+    #[arg(long, env = "TLS_CERT_FILE")]
+    pub tls_cert_file: PathBuf,
+    /// Server private key (PEM).
+    #[arg(long, env = "TLS_KEY_FILE")]
+    pub tls_key_file: PathBuf,
+    /// CA that issues agents' client certificates (PEM).
+    #[arg(long, env = "TLS_CLIENT_CA_FILE")]
+    pub tls_client_ca_file: PathBuf,
+    /// CentOps agent list: an http(s) URL or a local file path in the same JSON format.
+    #[arg(long, env = "CENTOPS_CONFIGURATION_URL")]
+    pub centops_configuration_url: String,
+    /// Timeout for one CentOps request, in ms.
+    #[arg(long, env = "CENTOPS_REQUEST_TIMEOUT_MS", default_value_t = 10_000)]
+    pub centops_request_timeout_ms: u64,
+    /// When to refresh the directory: a cron expression of 5 fields (minute hour day-of-month month
+    /// day-of-week, as the original) or 6 fields (a leading seconds field). Evaluated in UTC.
+    #[arg(long, env = "CENTOPS_CONFIGURATION_CRON_TIME", default_value = "*/30 * * * *")]
+    pub centops_configuration_cron_time: String,
+    /// For a file source: how often to check the file for changes, in ms (0 = only on the schedule).
+    #[arg(long, env = "CENTOPS_FILE_POLL_INTERVAL_MS", default_value_t = 2000)]
+    pub centops_file_poll_interval_ms: u64,
+    /// RabbitMQ connection.
+    #[command(flatten)]
+    pub rabbitmq: RabbitConfig,
+    /// How long to wait for an agent's delivery ack, in ms.
+    #[arg(long, env = "MESSAGE_DELIVERY_TIMEOUT_MS", default_value_t = 2000)]
+    pub message_delivery_timeout_ms: u64,
+    /// Delivery attempts per message before it is dead-lettered to `<agent-id>.dlq`.
+    #[arg(long, env = "MESSAGE_DELIVERY_MAX_ATTEMPTS", default_value_t = 3)]
+    pub message_delivery_max_attempts: u32,
+    /// Pause between delivery attempts, in ms (doubled after each failure).
+    #[arg(long, env = "MESSAGE_DELIVERY_RETRY_DELAY_MS", default_value_t = 200)]
+    pub message_delivery_retry_delay_ms: u64,
+    /// Largest accepted envelope `payload` (the JWE), in bytes.
+    #[arg(long, env = "MESSAGE_MAX_PAYLOAD_BYTES", default_value_t = 1_048_576)]
+    pub message_max_payload_bytes: usize,
+    /// On SIGTERM: how long to wait for in-flight sends to be answered before exiting anyway, ms.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT_MS", default_value_t = 10_000)]
+    pub shutdown_timeout_ms: u64,
+    /// The legacy Socket.IO edge.
+    #[command(flatten)]
+    pub legacy: LegacyConfig,
+}
+
+/// The Socket.IO edge for legacy TypeScript agents (compat §4).
+#[derive(Clone, Debug, clap::Args)]
+pub struct LegacyConfig {
+    /// Socket.IO namespace legacy agents connect to.
+    #[arg(
+        long = "web-socket-namespace",
+        env = "WEB_SOCKET_NAMESPACE",
+        default_value = "/v1/dmr-agent-events"
+    )]
+    pub namespace: String,
+    /// A legacy agent that was connected within this window (ms) may come back with its expired
+    /// start-up token (the original agent never refreshes it).
+    #[arg(
+        long = "web-socket-max-disconnection-duration",
+        env = "WEB_SOCKET_MAX_DISCONNECTION_DURATION",
+        default_value_t = 120_000
+    )]
+    pub max_disconnection_duration_ms: u64,
+    /// Opt-in: accept any validly signed token expired at most this long ago (ms), even from an
+    /// agent not seen recently (e.g. after a rolling deploy of the servers). 0 = off. A captured
+    /// token can be replayed for this long: keep it as short as the deploy needs.
+    #[arg(
+        long = "web-socket-expired-token-grace",
+        env = "WEB_SOCKET_EXPIRED_TOKEN_GRACE_MS",
+        default_value_t = 0
+    )]
+    pub expired_token_grace_ms: u64,
+}
+
+impl Default for LegacyConfig {
+    fn default() -> Self {
+        Self {
+            namespace: "/v1/dmr-agent-events".into(),
+            max_disconnection_duration_ms: 120_000,
+            expired_token_grace_ms: 0,
+        }
+    }
+}
+
+/// RabbitMQ settings (compat §6, §8).
+#[derive(Clone, clap::Args)]
+pub struct RabbitConfig {
+    /// Broker host.
+    #[arg(long = "rabbitmq-host", env = "RABBITMQ_DEFAULT_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+    /// Broker AMQP port.
+    #[arg(
+        id = "rabbitmq_port",
+        long = "rabbitmq-port",
+        env = "RABBITMQ_DEFAULT_PORT",
+        default_value_t = 5672
+    )]
+    pub port: u16,
+    /// User name.
+    #[arg(long = "rabbitmq-user", env = "RABBITMQ_DEFAULT_USER", default_value = "guest")]
+    pub user: String,
+    /// Password.
+    #[arg(
+        long = "rabbitmq-pass",
+        env = "RABBITMQ_DEFAULT_PASS",
+        default_value = "guest",
+        hide_env_values = true
+    )]
+    pub pass: String,
+    /// Virtual host.
+    #[arg(long = "rabbitmq-vhost", env = "RABBITMQ_DEFAULT_VHOST", default_value = "/")]
+    pub vhost: String,
+    /// Message TTL in agent queues, ms.
+    #[arg(long = "rabbitmq-ttl", env = "RABBITMQ_DEFAULT_TTL", default_value_t = 300_000)]
+    pub ttl_ms: u32,
+    /// Message TTL in dead-letter queues, ms.
+    #[arg(
+        long = "rabbitmq-dlq-ttl",
+        env = "RABBITMQ_DEFAULT_DLQ_TTL",
+        default_value_t = 86_400_000
+    )]
+    pub dlq_ttl_ms: u32,
+    /// Message TTL in the validation-failures queue, ms.
+    #[arg(
+        long = "rabbitmq-validation-failures-ttl",
+        env = "RABBITMQ_VALIDATION_FAILURES_TTL",
+        default_value_t = 86_400_000
+    )]
+    pub validation_failures_ttl_ms: u32,
+    /// Name of the validation-failures queue.
+    #[arg(
+        long = "rabbitmq-validation-failures-queue",
+        env = "RABBITMQ_VALIDATION_FAILURES_QUEUE",
+        default_value = "validation-failures"
+    )]
+    pub validation_failures_queue: String,
+    /// Pause between reconnection attempts, ms.
+    #[arg(
+        long = "rabbitmq-reconnect-interval",
+        env = "RABBITMQ_DEFAULT_DEFAULT_RECONNECT_INTERVAL",
+        default_value_t = 5000
+    )]
+    pub reconnect_interval_ms: u64,
+    /// Unacknowledged deliveries RabbitMQ may push per agent stream (bounds server memory).
+    #[arg(
+        long = "rabbitmq-prefetch-count",
+        env = "RABBITMQ_PREFETCH_COUNT",
+        default_value_t = 16
+    )]
+    pub prefetch_count: u16,
+    /// How often an idle agent consumer checks that its queue still exists, ms.
+    #[arg(
+        long = "rabbitmq-consumer-check-interval",
+        env = "RABBITMQ_CONSUMER_CHECK_INTERVAL_MS",
+        default_value_t = 30_000
+    )]
+    pub consumer_check_interval_ms: u64,
+}
+
+impl std::fmt::Debug for RabbitConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RabbitConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .field("pass", &"<redacted>")
+            .field("vhost", &self.vhost)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for RabbitConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 5672,
+            user: "guest".into(),
+            pass: "guest".into(),
+            vhost: "/".into(),
+            ttl_ms: 300_000,
+            dlq_ttl_ms: 86_400_000,
+            validation_failures_ttl_ms: 86_400_000,
+            validation_failures_queue: "validation-failures".into(),
+            reconnect_interval_ms: 5000,
+            prefetch_count: 16,
+            consumer_check_interval_ms: 30_000,
+        }
+    }
+}
+
+impl RabbitConfig {
+    /// The AMQP URI (contains the password: never log it).
+    pub fn uri(&self) -> String {
+        let vhost = if self.vhost == "/" {
+            "%2f".to_owned()
+        } else {
+            self.vhost.clone()
+        };
+        format!(
+            "amqp://{}:{}@{}:{}/{}",
+            enc(&self.user),
+            enc(&self.pass),
+            self.host,
+            self.port,
+            vhost
+        )
+    }
+
+    /// Where the broker is, without credentials.
+    pub fn display_addr(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+impl ServerConfig {
+    /// A configuration with the documented defaults and the given files (used by `dmr dev` and tests).
+    pub fn new(tls_cert_file: PathBuf, tls_key_file: PathBuf, tls_client_ca_file: PathBuf, centops: String) -> Self {
+        Self {
+            port: 8075,
+            grpc_port: 8076,
+            bind_address: "0.0.0.0".into(),
+            tls_cert_file,
+            tls_key_file,
+            tls_client_ca_file,
+            centops_configuration_url: centops,
+            centops_request_timeout_ms: 10_000,
+            centops_configuration_cron_time: "*/30 * * * *".into(),
+            centops_file_poll_interval_ms: 2000,
+            rabbitmq: RabbitConfig::default(),
+            message_delivery_timeout_ms: 2000,
+            message_delivery_max_attempts: 3,
+            message_delivery_retry_delay_ms: 200,
+            message_max_payload_bytes: 1_048_576,
+            shutdown_timeout_ms: 10_000,
+            legacy: LegacyConfig::default(),
+        }
+    }
+
+    /// The delivery ack timeout.
+    pub fn delivery_timeout(&self) -> Duration {
+        Duration::from_millis(self.message_delivery_timeout_ms)
+    }
+}

@@ -1,0 +1,52 @@
+//! The server's HTTP port: the legacy Socket.IO edge ([`crate::legacy`]), `/metrics`, `/health`
+//! (liveness) and `/ready` (readiness: RabbitMQ connected; the directory's state is reported beside it,
+//! see README "Directory changes").
+
+use crate::Core;
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Json};
+use axum::routing::get;
+use serde_json::json;
+use std::sync::Arc;
+
+/// The HTTP routes, with the legacy Socket.IO edge layered in front.
+pub fn router(core: Arc<Core>) -> Router {
+    let (socket_io, _io) = crate::legacy::layer(core.clone());
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .with_state(core)
+        .layer(socket_io)
+}
+
+async fn metrics(State(core): State<Arc<Core>>) -> impl IntoResponse {
+    ([("content-type", "text/plain; version=0.0.4")], core.metrics.render())
+}
+
+async fn health() -> impl IntoResponse {
+    Json(json!({"status": "ok", "timestamp": chrono::Utc::now().timestamp_millis()}))
+}
+
+async fn ready(State(core): State<Arc<Core>>) -> impl IntoResponse {
+    let rabbitmq = core.broker.is_ready();
+    let agents = core.directory.current().len();
+    let status = if rabbitmq {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(json!({
+            "status": if rabbitmq { "ready" } else { "not ready" },
+            "rabbitmq": if rabbitmq { "connected" } else { "disconnected" },
+            "directoryAgents": agents,
+            "directoryRefreshFailing": core.metrics.directory_refresh_failing.get() == 1,
+            "directoryAgeSeconds": chrono::Utc::now().timestamp() - core.metrics.directory_last_success.get(),
+            "connectedAgents": core.sessions.connected().len(),
+        })),
+    )
+}

@@ -1,0 +1,177 @@
+//! Prometheus metrics of the server. The original's names (compat §9) count gRPC streams as
+//! "socket connections" so that its alert rules keep working; RabbitMQ and delivery metrics sit
+//! beside them.
+
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+/// Namespace label value used for gRPC sessions in the per-event counters.
+pub const GRPC_NAMESPACE: &str = "grpc";
+
+/// All server metrics, registered in one registry.
+pub struct Metrics {
+    /// The registry behind `/metrics`.
+    pub registry: Registry,
+    /// Open agent connections (both transports).
+    pub connections_active: IntGauge,
+    /// Agent connections accepted.
+    pub connections_total: IntCounter,
+    /// Agent connections closed.
+    pub disconnections_total: IntCounter,
+    /// How long agent connections lasted.
+    pub connection_duration: Histogram,
+    /// Connection-level errors, including refused authentication.
+    pub socket_errors: IntCounter,
+    /// Events received from agents, by event and namespace.
+    pub events_received: IntCounterVec,
+    /// Events sent to agents, by event and namespace.
+    pub events_sent: IntCounterVec,
+    /// Time from receiving a send to answering it (validation + confirmed publish).
+    pub message_processing: Histogram,
+    /// Refused authentications by reason.
+    pub auth_failures: IntCounterVec,
+    /// 1 while connected to RabbitMQ.
+    pub rabbitmq_connected: IntGauge,
+    /// Publish → confirm latency.
+    pub publish_confirm_seconds: Histogram,
+    /// Deliveries retried after a failure or timeout.
+    pub delivery_retries: IntCounter,
+    /// Messages dead-lettered after the last failed attempt.
+    pub dead_lettered: IntCounter,
+    /// Records written to validation-failures, by error type.
+    pub validation_failures: IntCounterVec,
+    /// Messages delivered and acked by agents.
+    pub delivered: IntCounter,
+    /// Failed directory refreshes by kind.
+    pub centops_failures: IntCounterVec,
+    /// 1 while the last directory refresh failed (the last good directory stays in force).
+    pub directory_refresh_failing: IntGauge,
+    /// Unix time of the last successful directory load.
+    pub directory_last_success: IntGauge,
+    /// Seconds since the last successful directory load (updated on scrape).
+    pub directory_age: IntGauge,
+    /// Agents in the directory in force.
+    pub directory_agents: IntGauge,
+}
+
+fn latency_buckets() -> Vec<f64> {
+    vec![
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ]
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        macro_rules! reg {
+            ($m:expr) => {{
+                let m = $m;
+                // Names are static and unique, so registration cannot collide.
+                let _ = registry.register(Box::new(m.clone()));
+                m
+            }};
+        }
+        let counter = |name: &str, help: &str| IntCounter::new(name, help).unwrap_or_else(|_| unreachable!());
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|_| unreachable!())
+        };
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
+            Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)).unwrap_or_else(|_| unreachable!())
+        };
+        let gauge = |name: &str, help: &str| IntGauge::new(name, help).unwrap_or_else(|_| unreachable!());
+        Self {
+            connections_active: reg!(gauge(
+                "dmr_socket_connections_active",
+                "Open agent connections (gRPC streams and Socket.IO)"
+            )),
+            connections_total: reg!(counter("dmr_socket_connections_total", "Agent connections accepted")),
+            disconnections_total: reg!(counter("dmr_socket_disconnections_total", "Agent connections closed")),
+            connection_duration: reg!(histogram(
+                "dmr_socket_connection_duration_seconds",
+                "Duration of agent connections",
+                vec![1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0]
+            )),
+            socket_errors: reg!(counter(
+                "dmr_socket_errors_total",
+                "Agent connection errors, including refused authentication"
+            )),
+            events_received: reg!(counter_vec(
+                "dmr_socket_events_received_total",
+                "Events received from agents",
+                &["event", "namespace"]
+            )),
+            events_sent: reg!(counter_vec(
+                "dmr_socket_events_sent_total",
+                "Events sent to agents",
+                &["event", "namespace"]
+            )),
+            message_processing: reg!(histogram(
+                "dmr_message_processing_duration_seconds",
+                "Time to validate and durably queue a message",
+                latency_buckets()
+            )),
+            auth_failures: reg!(counter_vec(
+                "dmr_auth_failures_total",
+                "Refused agent authentications",
+                &["reason"]
+            )),
+            rabbitmq_connected: reg!(gauge("dmr_rabbitmq_connected", "1 while connected to RabbitMQ")),
+            publish_confirm_seconds: reg!(histogram(
+                "dmr_rabbitmq_publish_confirm_duration_seconds",
+                "Publish to confirm latency",
+                latency_buckets()
+            )),
+            delivery_retries: reg!(counter(
+                "dmr_delivery_retries_total",
+                "Deliveries retried after a failure or timeout"
+            )),
+            dead_lettered: reg!(counter(
+                "dmr_dead_lettered_total",
+                "Messages dead-lettered after the last failed attempt"
+            )),
+            validation_failures: reg!(counter_vec(
+                "dmr_validation_failures_total",
+                "Validation-failure records written",
+                &["type"]
+            )),
+            delivered: reg!(counter(
+                "dmr_messages_delivered_total",
+                "Messages acknowledged by their recipient agent"
+            )),
+            centops_failures: reg!(counter_vec(
+                "dmr_centops_refresh_failures_total",
+                "Failed CentOps directory refreshes",
+                &["kind"]
+            )),
+            directory_refresh_failing: reg!(gauge(
+                "dmr_directory_refresh_failing",
+                "1 while the last directory refresh failed"
+            )),
+            directory_last_success: reg!(gauge(
+                "dmr_directory_last_success_timestamp_seconds",
+                "Unix time of the last successful directory load"
+            )),
+            directory_age: reg!(gauge(
+                "dmr_directory_age_seconds",
+                "Seconds since the last successful directory load"
+            )),
+            directory_agents: reg!(gauge("dmr_directory_agents", "Agents in the directory in force")),
+            registry,
+        }
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        self.directory_age
+            .set(chrono::Utc::now().timestamp() - self.directory_last_success.get());
+        prometheus::TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,165 @@
+//! Routing shared by every transport: validating and queueing an agent's send, recording
+//! validation failures, and deciding what happens to a delivery after the agent answered.
+//!
+//! **Invariants:**
+//! - a send is answered "accepted" only after RabbitMQ confirmed the publish;
+//! - a send is queued in the order the session handed it over (publish frames are written in
+//!   order; only the confirms are awaited concurrently);
+//! - an invalid message is recorded in the validation-failures queue before the sender hears why.
+
+use crate::Core;
+use crate::broker::BrokerError;
+use dmr::envelope::{self, Envelope, ValidationContext, ValidationFailure};
+use dmr::{ErrorType, MessageError};
+use serde_json::Value;
+use std::sync::Arc;
+
+/// The outcome of a send, common to both transports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SendOutcome {
+    /// Durably queued.
+    Accepted,
+    /// Refused by validation (and recorded).
+    Invalid(Vec<MessageError>),
+    /// The broker could not take it; nothing was queued.
+    Unavailable(String),
+}
+
+impl SendOutcome {
+    /// The protobuf result for `correlation_id`.
+    pub fn to_proto(&self, correlation_id: String) -> dmr::proto::SendResult {
+        use dmr::proto::{SendResult, SendStatus};
+        let (status, errors, detail) = match self {
+            Self::Accepted => (SendStatus::Accepted, vec![], String::new()),
+            Self::Invalid(errors) => (
+                SendStatus::Invalid,
+                errors.iter().map(MessageError::to_proto).collect(),
+                errors.iter().map(|e| e.message.as_str()).collect::<Vec<_>>().join("; "),
+            ),
+            Self::Unavailable(detail) => (SendStatus::Unavailable, vec![], detail.clone()),
+        };
+        SendResult {
+            correlation_id,
+            status: status as i32,
+            errors,
+            detail,
+        }
+    }
+}
+
+/// Validates `raw` from `agent_id` and starts publishing it. The returned future resolves to the
+/// outcome; the publish frame itself is written before this function returns, which keeps order.
+pub async fn start_send(core: &Arc<Core>, agent_id: &str, raw: Value) -> impl Future<Output = SendOutcome> + use<> {
+    let validated = {
+        let directory = core.directory.current();
+        let known = |id: &str| directory.contains(id);
+        let ctx = ValidationContext {
+            authenticated_agent: agent_id,
+            is_known_agent: &known,
+            max_payload_bytes: core.cfg.message_max_payload_bytes,
+        };
+        envelope::validate(&raw, &ctx)
+    };
+    let core = core.clone();
+    let publish = match validated {
+        Err(errors) => Err((raw, errors)),
+        Ok(mut env) => {
+            env.received_at = Some(dmr::time::now_iso());
+            tracing::debug!(message_id = %env.id, sender_id = %env.sender_id, recipient_id = %env.recipient_id, "queueing message");
+            let started = core.broker.start_publish(&env.recipient_id, &encode(&env)).await;
+            Ok((env, started))
+        }
+    };
+    async move {
+        match publish {
+            Err((raw, errors)) => {
+                record_validation_failure(&core, raw, errors.clone()).await;
+                SendOutcome::Invalid(errors)
+            }
+            Ok((env, Ok(confirm))) => match confirm.await {
+                Ok(()) => SendOutcome::Accepted,
+                Err(BrokerError::NotAccepted { reason, .. }) if reason.starts_with("unroutable") => {
+                    // The recipient is in the directory but its queue is missing (deleted by hand, or
+                    // added since the last declaration): declare it and publish once more.
+                    republish(&core, &env).await
+                }
+                Err(e) => unavailable(&env, e),
+            },
+            Ok((env, Err(e))) => unavailable(&env, e),
+        }
+    }
+}
+
+async fn republish(core: &Core, env: &Envelope) -> SendOutcome {
+    tracing::info!(recipient_id = %env.recipient_id, "recipient queue missing: declaring it again");
+    if let Err(e) = core.broker.declare_agent(&env.recipient_id).await {
+        return unavailable(env, e);
+    }
+    // A consumer of the old queue (here or on another instance) may not have been told it is gone.
+    core.sessions.recheck_consumer(&env.recipient_id);
+    core.broker
+        .announce(&env.recipient_id, crate::broker::Announcement::QueueRecreated)
+        .await;
+    match core.broker.publish(&env.recipient_id, &encode(env)).await {
+        Ok(()) => SendOutcome::Accepted,
+        Err(e) => unavailable(env, e),
+    }
+}
+
+fn unavailable(env: &Envelope, e: BrokerError) -> SendOutcome {
+    tracing::warn!(message_id = %env.id, recipient_id = %env.recipient_id, error = %e, "message not queued");
+    SendOutcome::Unavailable(format!("message not queued: {e}"))
+}
+
+fn encode(env: &Envelope) -> Vec<u8> {
+    serde_json::to_vec(env).unwrap_or_default()
+}
+
+/// Publishes a validation-failure record; failures to record are logged, never fatal.
+pub async fn record_validation_failure(core: &Core, message: Value, errors: Vec<MessageError>) {
+    for e in &errors {
+        core.metrics
+            .validation_failures
+            .with_label_values(&[e.kind.as_str()])
+            .inc();
+    }
+    let record = ValidationFailure::new(message, errors);
+    tracing::warn!(message_id = %record.id, errors = ?record.errors.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(), "message failed validation");
+    let body = serde_json::to_vec(&record).unwrap_or_default();
+    if let Err(e) = core
+        .broker
+        .publish(&core.cfg.rabbitmq.validation_failures_queue, &body)
+        .await
+    {
+        tracing::error!(message_id = %record.id, error = %e, "could not record validation failure");
+    }
+}
+
+/// What to do with a delivery once the agent answered (or did not).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeliveryVerdict {
+    /// Delivered: ack to RabbitMQ.
+    Delivered,
+    /// The agent could not decrypt or verify it: record in validation-failures, then ack.
+    Undecryptable(Vec<MessageError>),
+    /// Try again (endpoint failed, timeout), until the attempts run out.
+    Retry(String),
+}
+
+/// Classifies an agent's answer. `None` means no answer within the timeout.
+pub fn verdict(answer: Option<(bool, Vec<MessageError>)>) -> DeliveryVerdict {
+    match answer {
+        None => DeliveryVerdict::Retry("no acknowledgement within MESSAGE_DELIVERY_TIMEOUT_MS".into()),
+        Some((true, _)) => DeliveryVerdict::Delivered,
+        Some((false, errors)) if errors.iter().any(|e| e.kind == ErrorType::DecryptionFailed) => {
+            DeliveryVerdict::Undecryptable(errors)
+        }
+        Some((false, errors)) => DeliveryVerdict::Retry(
+            errors
+                .iter()
+                .map(|e| format!("{}: {}", e.kind.as_str(), e.message))
+                .collect::<Vec<_>>()
+                .join("; "),
+        ),
+    }
+}

@@ -1,0 +1,161 @@
+//! Mutual TLS for the gRPC port: TLS 1.3 only, client certificates required and chained to the
+//! configured client CA, and the agent identity read from the certificate.
+//!
+//! The accept loop hands each TCP connection to its own handshake task, so a slow or hostile client
+//! cannot stall other agents' connections.
+
+use crate::metrics::Metrics;
+use dmr::keys::PublicKey;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_util::sync::CancellationToken;
+
+/// TLS set-up failures.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A PEM file could not be read or parsed.
+    #[error("{what} {path}: {detail}")]
+    Pem {
+        /// Which file.
+        what: &'static str,
+        /// Its path.
+        path: String,
+        /// Why.
+        detail: String,
+    },
+    /// rustls refused the configuration.
+    #[error("TLS configuration: {0}")]
+    Config(String),
+}
+
+fn pem_err(what: &'static str, path: &Path, detail: impl ToString) -> TlsError {
+    TlsError::Pem {
+        what,
+        path: path.display().to_string(),
+        detail: detail.to_string(),
+    }
+}
+
+/// Builds the server's rustls configuration.
+pub fn server_config(cert: &Path, key: &Path, client_ca: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| pem_err("TLS_CERT_FILE", cert, e))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| pem_err("TLS_CERT_FILE", cert, e))?;
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| pem_err("TLS_KEY_FILE", key, e))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_file_iter(client_ca).map_err(|e| pem_err("TLS_CLIENT_CA_FILE", client_ca, e))? {
+        roots
+            .add(ca.map_err(|e| pem_err("TLS_CLIENT_CA_FILE", client_ca, e))?)
+            .map_err(|e| pem_err("TLS_CLIENT_CA_FILE", client_ca, e))?;
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key_der)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Accepts TCP connections and yields completed TLS sessions; stops when `stop` fires.
+pub fn incoming(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) -> tokio_stream::wrappers::ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
+    // Bounded: when tonic stops taking connections the accept loop waits instead of piling them up.
+    let (tx, rx) = mpsc::channel(64);
+    let acceptor = TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                () = stop.cancelled() => break,
+                a = listener.accept() => a,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let (acceptor, tx, metrics) = (acceptor.clone(), tx.clone(), metrics.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => {
+                        metrics.socket_errors.inc();
+                        metrics.auth_failures.with_label_values(&["tls_handshake"]).inc();
+                        tracing::warn!(%peer, error = %e, "TLS handshake refused");
+                    }
+                    Err(_) => tracing::warn!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// Why an agent's certificate does not identify an agent.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum IdentityError {
+    /// No client certificate was presented.
+    #[error("no client certificate")]
+    NoCertificate,
+    /// The certificate could not be parsed.
+    #[error("client certificate unreadable: {0}")]
+    Unreadable(String),
+    /// Neither a `urn:uuid:` SAN nor a UUID common name.
+    #[error("client certificate carries no agent id (SAN URI urn:uuid:<id> or CN <id>)")]
+    NoAgentId,
+}
+
+/// The agent id and key of a client certificate: SAN URI `urn:uuid:<id>` first, else a UUID CN.
+pub fn agent_identity(cert: &CertificateDer<'_>) -> Result<(String, PublicKey), IdentityError> {
+    let (_, parsed) =
+        x509_parser::parse_x509_certificate(cert).map_err(|e| IdentityError::Unreadable(e.to_string()))?;
+    let from_san = parsed
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .into_iter()
+        .flat_map(|san| san.value.general_names.iter())
+        .find_map(|name| match name {
+            x509_parser::extensions::GeneralName::URI(uri) => uri
+                .strip_prefix("urn:uuid:")
+                .filter(|id| dmr::message::is_uuid(id))
+                .map(str::to_owned),
+            _ => None,
+        });
+    let from_cn = || {
+        parsed
+            .subject()
+            .iter_common_name()
+            .filter_map(|cn| cn.as_str().ok())
+            .find(|cn| dmr::message::is_uuid(cn))
+            .map(str::to_owned)
+    };
+    let id = from_san.or_else(from_cn).ok_or(IdentityError::NoAgentId)?;
+    let key =
+        PublicKey::from_spki_der(parsed.public_key().raw).map_err(|e| IdentityError::Unreadable(e.to_string()))?;
+    Ok((id.to_ascii_lowercase(), key))
+}

@@ -1,0 +1,166 @@
+//! The legacy agents' handshake token (compat §4): an RS256 JWT with header `kid` = agent id and
+//! claims `sub` (= kid), `iat`, `exp`, signed with the agent's directory key.
+//!
+//! Verification is split so the Socket.IO edge can apply its own expiry policy (expired tokens of
+//! recently connected agents are let back in, see `compat.md` §4 "Stale tokens").
+
+use crate::keys::{PrivateKey, PublicKey};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use serde_json::{Map, Value, json};
+
+/// Why a token was refused.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum TokenError {
+    /// Not a compact JWS with JSON header and claims.
+    #[error("token is not a well-formed JWT")]
+    Malformed,
+    /// The header has no string `kid`.
+    #[error("token kid is missing or invalid")]
+    MissingKid,
+    /// Only RS256 is accepted.
+    #[error("token algorithm {0} is not RS256")]
+    Algorithm(String),
+    /// The signature does not verify with the directory key of `kid`.
+    #[error("token signature does not verify with the key published for agent {0}")]
+    Signature(String),
+    /// `sub` differs from `kid`.
+    #[error("token sub and kid do not match")]
+    SubjectMismatch,
+    /// `exp` has passed.
+    #[error("token expired at {0} (unix seconds)")]
+    Expired(i64),
+    /// `nbf` is in the future.
+    #[error("token is not valid before {0} (unix seconds)")]
+    NotYetValid(i64),
+}
+
+/// The verified claims that matter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentClaims {
+    /// The agent id (`sub` = `kid`).
+    pub agent_id: String,
+    /// Expiry, unix seconds, if present.
+    pub exp: Option<i64>,
+    /// Not-before, unix seconds, if present.
+    pub nbf: Option<i64>,
+}
+
+fn segment(s: &str) -> Result<Map<String, Value>, TokenError> {
+    let bytes = B64.decode(s).map_err(|_| TokenError::Malformed)?;
+    match serde_json::from_slice(&bytes) {
+        Ok(Value::Object(m)) => Ok(m),
+        _ => Err(TokenError::Malformed),
+    }
+}
+
+fn parts(token: &str) -> Result<(&str, &str, &str), TokenError> {
+    let mut it = token.split('.');
+    match (it.next(), it.next(), it.next(), it.next()) {
+        (Some(h), Some(p), Some(s), None) => Ok((h, p, s)),
+        _ => Err(TokenError::Malformed),
+    }
+}
+
+/// The `kid` of a token, read without verification (to find the key to verify with).
+pub fn kid(token: &str) -> Result<String, TokenError> {
+    let (h, _, _) = parts(token)?;
+    segment(h)?
+        .get("kid")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .ok_or(TokenError::MissingKid)
+}
+
+/// Verifies signature and `sub` = `kid`; returns the claims. Time checks are left to [`check_time`].
+pub fn verify(token: &str, key: &PublicKey) -> Result<AgentClaims, TokenError> {
+    let (h, p, s) = parts(token)?;
+    let header = segment(h)?;
+    let alg = header.get("alg").and_then(Value::as_str).unwrap_or_default();
+    if alg != "RS256" {
+        return Err(TokenError::Algorithm(alg.to_owned()));
+    }
+    let kid = header
+        .get("kid")
+        .and_then(Value::as_str)
+        .ok_or(TokenError::MissingKid)?;
+    let sig = B64.decode(s).map_err(|_| TokenError::Malformed)?;
+    if !key.verify_rs256(&token.as_bytes()[..h.len() + 1 + p.len()], &sig) {
+        return Err(TokenError::Signature(kid.to_owned()));
+    }
+    let claims = segment(p)?;
+    if claims.get("sub").and_then(Value::as_str) != Some(kid) {
+        return Err(TokenError::SubjectMismatch);
+    }
+    let int = |k: &str| claims.get(k).and_then(Value::as_f64).map(|v| v as i64);
+    Ok(AgentClaims {
+        agent_id: kid.to_ascii_lowercase(),
+        exp: int("exp"),
+        nbf: int("nbf"),
+    })
+}
+
+/// Checks `exp` and `nbf` at `now` (unix seconds); an expired token is accepted if it expired at
+/// most `grace_secs` ago.
+pub fn check_time(claims: &AgentClaims, now: i64, grace_secs: i64) -> Result<(), TokenError> {
+    if let Some(nbf) = claims.nbf
+        && now < nbf
+    {
+        return Err(TokenError::NotYetValid(nbf));
+    }
+    match claims.exp {
+        Some(exp) if now >= exp && now - exp > grace_secs => Err(TokenError::Expired(exp)),
+        _ => Ok(()),
+    }
+}
+
+/// Signs a token as the original agent does: header `{"alg":"RS256","typ":"JWT","kid":id}`, claims
+/// `{"sub":id,"iat":iat,"exp":exp,"cat":iat·1000}`.
+pub fn sign(agent_id: &str, key: &PrivateKey, iat: i64, exp: i64) -> String {
+    let header = json!({"alg": "RS256", "typ": "JWT", "kid": agent_id});
+    let claims = json!({"sub": agent_id, "iat": iat, "exp": exp, "cat": iat * 1000});
+    let input = format!("{}.{}", B64.encode(header.to_string()), B64.encode(claims.to_string()));
+    let sig = key.sign_rs256(input.as_bytes());
+    format!("{input}.{}", B64.encode(sig))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verifies_the_originals_token_and_enforces_expiry() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../shared/testdata/jose-vectors.json"
+        ))
+        .expect("../shared/testdata/jose-vectors.json must be beside the repository");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        let token = v["socketAuthJwtOfA_expiredOnPurpose"].as_str().unwrap();
+        let key = PublicKey::from_pem(v["agentA"]["publicKeySpkiPem"].as_str().unwrap()).unwrap();
+        assert_eq!(kid(token).unwrap(), "d3b07384-d9a0-4c3f-a4e2-123456789abc");
+        let claims = verify(token, &key).unwrap();
+        assert_eq!(claims.exp, Some(1_752_220_860));
+        assert_eq!(check_time(&claims, 1_752_220_859, 0), Ok(()));
+        assert_eq!(
+            check_time(&claims, 1_752_220_900, 0),
+            Err(TokenError::Expired(1_752_220_860))
+        );
+        assert_eq!(check_time(&claims, 1_752_220_900, 60), Ok(()));
+        let other = PublicKey::from_pem(v["agentB"]["publicKeySpkiPem"].as_str().unwrap()).unwrap();
+        assert!(matches!(verify(token, &other), Err(TokenError::Signature(_))));
+    }
+
+    #[test]
+    fn sign_round_trips_and_sub_must_match_kid() {
+        let key = PrivateKey::generate().unwrap();
+        let t = sign("d3b07384-d9a0-4c3f-a4e2-123456789abc", &key, 100, 160);
+        assert_eq!(verify(&t, key.public_key()).unwrap().exp, Some(160));
+        let (h, _, _) = parts(&t).unwrap();
+        let forged_claims = B64.encode(json!({"sub": "someone-else"}).to_string());
+        let input = format!("{h}.{forged_claims}");
+        let forged = format!("{input}.{}", B64.encode(key.sign_rs256(input.as_bytes())));
+        assert_eq!(verify(&forged, key.public_key()), Err(TokenError::SubjectMismatch));
+        assert_eq!(kid("a.b"), Err(TokenError::Malformed));
+    }
+}

@@ -1,0 +1,86 @@
+//! Running the real `dmr` binary as child processes (killed on drop), with logs kept in a file so a
+//! failing test can show them.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use tokio::process::{Child, Command};
+
+/// The `dmr` binary built next to this test binary (`cargo test --workspace` builds it).
+pub fn dmr_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let bin = dir.join("dmr");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it with `cargo build -p dmr-cli` (scripts/test.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A `dmr` child process.
+pub struct DmrProcess {
+    pub name: String,
+    pub log: PathBuf,
+    child: Child,
+}
+
+impl DmrProcess {
+    pub fn spawn(name: &str, subcommand: &str, env: &[(String, String)], log_dir: &Path) -> Self {
+        let log = log_dir.join(format!("{name}.log"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let mut cmd = Command::new(dmr_binary());
+        cmd.arg(subcommand)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("LOGGER_COLORS", "false")
+            .env("LOGGER_LOG_LEVELS", "error,warn,log")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .kill_on_drop(true);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("dmr runs");
+        Self {
+            name: name.to_owned(),
+            log,
+            child,
+        }
+    }
+
+    /// SIGKILL: no chance to clean up.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    /// SIGTERM, then waits for the exit; returns how long it took and whether it exited cleanly.
+    pub async fn terminate(&mut self) -> (std::time::Duration, bool) {
+        let started = std::time::Instant::now();
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status();
+        }
+        let status = self.child.wait().await;
+        (started.elapsed(), status.is_ok_and(|s| s.success()))
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
