@@ -177,7 +177,26 @@ impl Directory {
     pub fn to_proto(&self) -> proto::AgentDirectory {
         proto::AgentDirectory {
             agents: self.entries().map(AgentEntry::to_proto).collect(),
+            more: false,
         }
+    }
+
+    /// The whole directory as consecutive frames of at most `per_frame` agents each, every one but
+    /// the last marked `more` (an empty directory is one empty frame).
+    pub fn to_proto_frames(&self, per_frame: usize) -> Vec<proto::AgentDirectory> {
+        let agents: Vec<proto::AgentInfo> = self.entries().map(AgentEntry::to_proto).collect();
+        let mut frames: Vec<proto::AgentDirectory> = agents
+            .chunks(per_frame.max(1))
+            .map(|part| proto::AgentDirectory {
+                agents: part.to_vec(),
+                more: true,
+            })
+            .collect();
+        match frames.last_mut() {
+            Some(last) => last.more = false,
+            None => frames.push(proto::AgentDirectory::default()),
+        }
+        frames
     }
 
     /// Rebuilds a directory from protobuf entries (as an agent receives them).
@@ -246,6 +265,27 @@ mod tests {
             created_at: "2024-01-01T00:00:00.000Z".into(),
             updated_at: "2024-01-01T00:00:00.000Z".into(),
         }
+    }
+
+    #[test]
+    fn frames_split_the_directory_and_only_the_last_is_final() {
+        let key = PrivateKey::generate().unwrap();
+        let ids: Vec<String> = (0..5)
+            .map(|i| format!("00000000-0000-4000-8000-00000000000{i}"))
+            .collect();
+        let json = serde_json::to_vec(&CentOpsResponse {
+            response: ids.iter().map(|id| agent(id, &key)).collect(),
+        })
+        .unwrap();
+        let dir = Directory::from_centops_json(&json).unwrap();
+        let frames = dir.to_proto_frames(2);
+        assert_eq!(frames.iter().map(|f| f.agents.len()).collect::<Vec<_>>(), [2, 2, 1]);
+        assert_eq!(frames.iter().map(|f| f.more).collect::<Vec<_>>(), [true, true, false]);
+        let rebuilt: Vec<_> = frames.into_iter().flat_map(|f| f.agents).collect();
+        assert_eq!(Directory::from_proto(&rebuilt).unwrap(), dir);
+        let empty = Directory::default().to_proto_frames(2);
+        assert_eq!(empty.len(), 1);
+        assert!(!empty[0].more && empty[0].agents.is_empty());
     }
 
     #[test]

@@ -209,6 +209,7 @@ impl Link {
         tracing::info!(server = %endpoint.uri(), agent_id = %self.cfg.agent_id, "connected to the DMR server");
 
         let (deliveries, worker) = inbox.clone().start_stream_worker(tx.clone());
+        let mut full_list = Vec::new();
         let result = loop {
             let message = tokio::select! {
                 () = stop.cancelled() => break Ok(()),
@@ -221,8 +222,13 @@ impl Link {
             };
             match frame {
                 Some(InFrame::Directory(d)) => {
+                    // The full list may come in parts; it replaces our copy once complete.
+                    full_list.extend(d.agents);
+                    if d.more {
+                        continue;
+                    }
                     self.metrics.events_received.with_label_values(&["directory"]).inc();
-                    match Directory::from_proto(&d.agents) {
+                    match Directory::from_proto(&std::mem::take(&mut full_list)) {
                         Ok(dir) => self.replace_directory(dir),
                         Err(e) => {
                             tracing::error!(error = %e, "server sent an unusable directory; keeping the previous one")

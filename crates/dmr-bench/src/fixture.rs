@@ -252,11 +252,17 @@ pub async fn open_session(ca_pem: &str, creds: &AgentCredentials, server: Socket
         .session(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await?
         .into_inner();
-    match inbound.message().await? {
-        Some(SessionResponse {
-            frame: Some(InFrame::Directory(_)),
-        }) => Ok(RawSession { tx, inbound, channel }),
-        other => anyhow::bail!("expected the directory first, got {other:?}"),
+    // The directory comes first, in one or more frames.
+    loop {
+        match inbound.message().await? {
+            Some(SessionResponse {
+                frame: Some(InFrame::Directory(d)),
+            }) if d.more => {}
+            Some(SessionResponse {
+                frame: Some(InFrame::Directory(_)),
+            }) => return Ok(RawSession { tx, inbound, channel }),
+            other => anyhow::bail!("expected the directory first, got {other:?}"),
+        }
     }
 }
 

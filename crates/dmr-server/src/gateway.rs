@@ -25,6 +25,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 /// Frames buffered towards one agent before the session waits (HTTP/2 flow control does the rest).
 const OUTBOUND_BUFFER: usize = 64;
+/// Agents per directory frame: small frames keep every stream's encode buffer small (one frame of
+/// the whole directory made each idle stream hold a buffer as large as the directory).
+const DIRECTORY_AGENTS_PER_FRAME: usize = 8;
 /// Sends from one agent awaiting their publish confirm at once; more wait for a free slot.
 const SENDS_IN_FLIGHT: usize = 256;
 
@@ -121,9 +124,6 @@ impl AgentGateway for Gateway {
         let agent_id = self.authenticate(&request)?;
         let (tx, rx) = mpsc::channel(OUTBOUND_BUFFER);
         let directory = self.core.directory.current();
-        tx.send(frame(OutFrame::Directory(directory.to_proto())))
-            .await
-            .map_err(|_| Status::unavailable("stream closed"))?;
         let core = self.core.clone();
         tokio::spawn(run_session(core, agent_id, directory, request.into_inner(), tx));
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -146,6 +146,13 @@ async fn run_session(
     tx: Outbound,
 ) {
     let mut directory_changes = core.directory.subscribe();
+    // The directory goes first, before any delivery (sent here, not in `session`, because the
+    // stream is only drained once `session` has returned).
+    for part in sent.to_proto_frames(DIRECTORY_AGENTS_PER_FRAME) {
+        if tx.send(frame(OutFrame::Directory(part))).await.is_err() {
+            return;
+        }
+    }
     let session = OpenSession::open(&core, &agent_id, "gRPC").await;
     let ticket = &session.ticket;
     let acks = Arc::new(PendingAcks::default());
@@ -171,12 +178,16 @@ async fn run_session(
                 match directory::session_update(&agent_id, &sent, &now) {
                     SessionUpdate::None => {}
                     SessionUpdate::Push(changes) => {
-                        let agents = changes
+                        let agents: Vec<AgentInfo> = changes
                             .into_iter()
                             .map(|(entry, deleted)| AgentInfo { deleted, ..entry.to_proto() })
                             .collect();
-                        if tx.send(frame(OutFrame::DirectoryUpdate(DirectoryUpdate { agents }))).await.is_ok() {
-                            core.metrics.events_sent.with_label_values(&["directory_update", GRPC_NAMESPACE]).inc();
+                        // Updates apply entry by entry, so a large one may simply be split.
+                        for part in agents.chunks(DIRECTORY_AGENTS_PER_FRAME) {
+                            let update = DirectoryUpdate { agents: part.to_vec() };
+                            if tx.send(frame(OutFrame::DirectoryUpdate(update))).await.is_ok() {
+                                core.metrics.events_sent.with_label_values(&["directory_update", GRPC_NAMESPACE]).inc();
+                            }
                         }
                     }
                     SessionUpdate::Revoked(why) => {
