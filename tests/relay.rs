@@ -55,6 +55,31 @@ async fn seed_example_arrives_decrypted_at_the_recipient_and_a_reply_comes_back(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_spread_over_connections_and_messages_flow_on_each() {
+    // One consumer per connection here, so that A and B are served on different connections
+    // (in production 1,000 per connection keep an instance under RabbitMQ's 2,047 channels).
+    let relay = Relay::start_with(|cfg| cfg.rabbitmq.consumers_per_connection = 1).await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while relay.server.core.broker.consumer_connections().await != 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "two agents, one consumer each, should use two connections"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let to_a = seed_message(&relay.a.id);
+    assert_eq!(relay.post_to_b(&to_a).await.0, 200);
+    let to_b = seed_message(&relay.b.id);
+    assert_eq!(
+        post(&relay.http, &relay.agent_a.url("/v1/messages"), &to_b).await.0,
+        200
+    );
+    assert_eq!(relay.sink_a.wait_for(1, WAIT).await[0]["id"], to_a["id"]);
+    assert_eq!(relay.sink_b.wait_for(1, WAIT).await[0]["id"], to_b["id"]);
+    relay.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_bodies_get_field_errors_and_nothing_is_queued() {
     let relay = Relay::start().await;
     let good = seed_message(&relay.a.id);

@@ -1,5 +1,6 @@
-//! The RabbitMQ side: one connection, topology declaration, confirmed publishing, per-agent
-//! consumers, and a supervisor that reconnects every `RABBITMQ_DEFAULT_DEFAULT_RECONNECT_INTERVAL`.
+//! The RabbitMQ side: one connection for publishing and declarations, a pool of connections for
+//! per-agent consumers, topology declaration, confirmed publishing, and a supervisor that
+//! reconnects every `RABBITMQ_DEFAULT_DEFAULT_RECONNECT_INTERVAL`.
 //!
 //! **Invariants:**
 //! - [`Broker::publish`] returns `Ok` only when RabbitMQ confirmed the message (ack, and not
@@ -8,6 +9,10 @@
 //!   the publishing channel.
 //! - While disconnected, every operation fails fast with [`BrokerError::Unavailable`]; nothing is
 //!   buffered in memory.
+//! - Each consumer has a channel of its own (closing it returns its unacknowledged deliveries), and
+//!   a connection carries at most `RABBITMQ_CONSUMERS_PER_CONNECTION` (1,000) of them: RabbitMQ caps
+//!   channels per connection (`channel_max`, 2,047 by default), and one instance serves thousands of
+//!   agents.
 
 use crate::config::RabbitConfig;
 use crate::metrics::Metrics;
@@ -18,8 +23,9 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
-use tokio::sync::{RwLock, watch};
+use tokio::sync::{Mutex, RwLock, watch};
 use tokio_util::sync::CancellationToken;
 
 /// What went wrong talking to RabbitMQ.
@@ -48,11 +54,67 @@ pub enum BrokerError {
     },
 }
 
-/// A live connection with its publishing channel.
+/// A live connection with its publishing channel, and the consumer connections opened since.
 struct Link {
     conn: Connection,
     publish: Channel,
+    consumers: Mutex<Vec<ConsumerConnection>>,
 }
+
+/// A connection that carries consumers, with how many it carries now.
+struct ConsumerConnection {
+    conn: Arc<Connection>,
+    active: Arc<AtomicUsize>,
+}
+
+impl Link {
+    /// A connection with room for one more consumer (opening one if none has), and its slot.
+    async fn consumer_connection(&self, cfg: &RabbitConfig) -> Result<(Arc<Connection>, ConsumerSlot), lapin::Error> {
+        let mut pool = self.consumers.lock().await;
+        pool.retain(|c| c.conn.status().connected());
+        let found = pool
+            .iter()
+            .find(|c| c.active.load(Ordering::Relaxed) < usize::from(cfg.consumers_per_connection));
+        let (conn, active) = match found {
+            Some(c) => (c.conn.clone(), c.active.clone()),
+            None => {
+                let name = format!("dmr-server consumers {}", pool.len() + 1);
+                let properties = ConnectionProperties::default().with_connection_name(name.into());
+                let conn = tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(&cfg.uri(), properties))
+                    .await
+                    .map_err(|_| lapin::ErrorKind::IOError(Arc::new(std::io::ErrorKind::TimedOut.into())))??;
+                let conn = Arc::new(conn);
+                let active = Arc::new(AtomicUsize::new(0));
+                pool.push(ConsumerConnection {
+                    conn: conn.clone(),
+                    active: active.clone(),
+                });
+                (conn, active)
+            }
+        };
+        active.fetch_add(1, Ordering::Relaxed);
+        Ok((conn, ConsumerSlot(active)))
+    }
+
+    async fn close(&self, reason: &str) {
+        let _ = self.conn.close(200, reason.into()).await;
+        for c in self.consumers.lock().await.drain(..) {
+            let _ = c.conn.close(200, reason.into()).await;
+        }
+    }
+}
+
+/// A consumer's place on a consumer connection; freed when dropped.
+struct ConsumerSlot(Arc<AtomicUsize>);
+
+impl Drop for ConsumerSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How long opening a connection may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Returns the agent ids whose queues must exist (called on every (re)connect).
 pub type TopologySource = Arc<dyn Fn() -> Vec<String> + Send + Sync>;
@@ -101,6 +163,8 @@ pub struct AgentConsumer {
     pub channel: Channel,
     /// The delivery stream.
     pub consumer: Consumer,
+    /// Keeps the consumer counted on its connection.
+    _slot: ConsumerSlot,
 }
 
 impl Broker {
@@ -149,7 +213,10 @@ impl Broker {
                     }
                     tracing::error!(broker = %self.cfg.display_addr(), "lost the RabbitMQ connection; reconnecting");
                     self.set_ready(false);
-                    *self.link.write().await = None;
+                    // Consumers on the other connections end with it and attach again once reconnected.
+                    if let Some(link) = self.link.write().await.take() {
+                        link.close("connection lost").await;
+                    }
                 }
                 Err(e) => {
                     tracing::error!(broker = %self.cfg.display_addr(), error = %e, "cannot connect to RabbitMQ; retrying in {} ms", interval.as_millis());
@@ -162,7 +229,7 @@ impl Broker {
         }
         self.set_ready(false);
         if let Some(link) = self.link.write().await.take() {
-            let _ = link.conn.close(200, "server shutting down".into()).await;
+            link.close("server shutting down").await;
         }
     }
 
@@ -179,7 +246,7 @@ impl Broker {
     ) -> Result<futures::future::BoxFuture<'static, ()>, BrokerError> {
         let unavailable = |_| BrokerError::Unavailable(self.cfg.display_addr());
         let conn = tokio::time::timeout(
-            Duration::from_secs(10),
+            CONNECT_TIMEOUT,
             Connection::connect(
                 &self.cfg.uri(),
                 ConnectionProperties::default().with_connection_name("dmr-server".into()),
@@ -195,7 +262,11 @@ impl Broker {
             .map_err(unavailable)?;
         let events: futures::stream::BoxStream<'static, lapin::Event> = Box::pin(conn.events_listener());
         let status_conn = conn.status().clone();
-        *self.link.write().await = Some(Arc::new(Link { conn, publish }));
+        *self.link.write().await = Some(Arc::new(Link {
+            conn,
+            publish,
+            consumers: Mutex::new(Vec::new()),
+        }));
         self.declare_queue(
             &self.cfg.validation_failures_queue,
             self.plain_queue_args(self.cfg.validation_failures_ttl_ms),
@@ -429,6 +500,14 @@ impl Broker {
         })
     }
 
+    /// Open connections that carry agent consumers (besides the publishing connection).
+    pub async fn consumer_connections(&self) -> usize {
+        match self.link.read().await.as_ref() {
+            Some(link) => link.consumers.lock().await.len(),
+            None => 0,
+        }
+    }
+
     /// Starts consuming `queue` on a new channel with at most `prefetch` unacked deliveries.
     pub async fn consume(&self, queue: &str, consumer_tag: &str) -> Result<AgentConsumer, BrokerError> {
         let link = self.link().await?;
@@ -437,7 +516,8 @@ impl Broker {
             queue: queue.to_owned(),
             source,
         };
-        let channel = link.conn.create_channel().await.map_err(amqp)?;
+        let (conn, slot) = link.consumer_connection(&self.cfg).await.map_err(amqp)?;
+        let channel = conn.create_channel().await.map_err(amqp)?;
         channel
             .basic_qos(self.cfg.prefetch_count, BasicQosOptions::default())
             .await
@@ -451,6 +531,10 @@ impl Broker {
             )
             .await
             .map_err(amqp)?;
-        Ok(AgentConsumer { channel, consumer })
+        Ok(AgentConsumer {
+            channel,
+            consumer,
+            _slot: slot,
+        })
     }
 }

@@ -166,6 +166,15 @@ pub struct RabbitConfig {
         default_value_t = 16
     )]
     pub prefetch_count: u16,
+    /// Agent consumers per AMQP connection; more open further connections (each consumer has a
+    /// channel of its own, and RabbitMQ allows 2,047 channels per connection by default).
+    #[arg(
+        long = "rabbitmq-consumers-per-connection",
+        env = "RABBITMQ_CONSUMERS_PER_CONNECTION",
+        default_value_t = 1000,
+        value_parser = clap::value_parser!(u16).range(1..=2000)
+    )]
+    pub consumers_per_connection: u16,
     /// How often an idle agent consumer checks that its queue still exists, ms.
     #[arg(
         long = "rabbitmq-consumer-check-interval",
@@ -201,6 +210,7 @@ impl Default for RabbitConfig {
             validation_failures_queue: "validation-failures".into(),
             reconnect_interval_ms: 5000,
             prefetch_count: 16,
+            consumers_per_connection: 1000,
             consumer_check_interval_ms: 30_000,
         }
     }

@@ -97,8 +97,8 @@ pub async fn run(
                     tracing::debug!(agent_id, error = %e, "still cannot consume the agent's queue; retrying");
                 }
                 refusals = refusals.saturating_add(1);
-                if core.broker.is_ready() {
-                    // The queue may be missing (e.g. deleted by hand): declare it before retrying.
+                if core.broker.is_ready() && e.to_string().contains("NOT_FOUND") {
+                    // The queue is missing (e.g. deleted by hand): declare it before retrying.
                     let _ = core.broker.declare_agent(&agent_id).await;
                 }
                 tokio::select! { () = stop.cancelled() => break, () = tokio::time::sleep(retry) => continue }
