@@ -58,7 +58,8 @@ pub enum BrokerError {
 struct Link {
     conn: Connection,
     publish: Channel,
-    consumers: Mutex<Vec<ConsumerConnection>>,
+    /// `None` once the link is closed: no consumer connection may be added after that.
+    consumers: Mutex<Option<Vec<ConsumerConnection>>>,
 }
 
 /// A connection that carries consumers, with how many it carries now.
@@ -70,7 +71,10 @@ struct ConsumerConnection {
 impl Link {
     /// A connection with room for one more consumer (opening one if none has), and its slot.
     async fn consumer_connection(&self, cfg: &RabbitConfig) -> Result<(Arc<Connection>, ConsumerSlot), lapin::Error> {
-        let mut pool = self.consumers.lock().await;
+        let mut guard = self.consumers.lock().await;
+        let Some(pool) = guard.as_mut() else {
+            return Err(lapin::ErrorKind::IOError(Arc::new(std::io::ErrorKind::NotConnected.into())).into());
+        };
         pool.retain(|c| c.conn.status().connected());
         let found = pool
             .iter()
@@ -98,7 +102,8 @@ impl Link {
 
     async fn close(&self, reason: &str) {
         let _ = self.conn.close(200, reason.into()).await;
-        for c in self.consumers.lock().await.drain(..) {
+        let pool = self.consumers.lock().await.take();
+        for c in pool.into_iter().flatten() {
             let _ = c.conn.close(200, reason.into()).await;
         }
     }
@@ -115,6 +120,8 @@ impl Drop for ConsumerSlot {
 
 /// How long opening a connection may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long closing our connections may take (a dead one never answers).
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Returns the agent ids whose queues must exist (called on every (re)connect).
 pub type TopologySource = Arc<dyn Fn() -> Vec<String> + Send + Sync>;
@@ -213,9 +220,14 @@ impl Broker {
                     }
                     tracing::error!(broker = %self.cfg.display_addr(), "lost the RabbitMQ connection; reconnecting");
                     self.set_ready(false);
-                    // Consumers on the other connections end with it and attach again once reconnected.
-                    if let Some(link) = self.link.write().await.take() {
-                        link.close("connection lost").await;
+                    // Consumers on the other connections end with it and attach again once
+                    // reconnected. Closing a dead connection can wait for an answer that never
+                    // comes: do it aside, bounded, and never while holding the lock.
+                    let old = self.link.write().await.take();
+                    if let Some(link) = old {
+                        tokio::spawn(async move {
+                            let _ = tokio::time::timeout(CLOSE_TIMEOUT, link.close("connection lost")).await;
+                        });
                     }
                 }
                 Err(e) => {
@@ -228,8 +240,9 @@ impl Broker {
             }
         }
         self.set_ready(false);
-        if let Some(link) = self.link.write().await.take() {
-            link.close("server shutting down").await;
+        let last = self.link.write().await.take();
+        if let Some(link) = last {
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, link.close("server shutting down")).await;
         }
     }
 
@@ -265,7 +278,7 @@ impl Broker {
         *self.link.write().await = Some(Arc::new(Link {
             conn,
             publish,
-            consumers: Mutex::new(Vec::new()),
+            consumers: Mutex::new(Some(Vec::new())),
         }));
         self.declare_queue(
             &self.cfg.validation_failures_queue,
@@ -502,8 +515,9 @@ impl Broker {
 
     /// Open connections that carry agent consumers (besides the publishing connection).
     pub async fn consumer_connections(&self) -> usize {
-        match self.link.read().await.as_ref() {
-            Some(link) => link.consumers.lock().await.len(),
+        let link = self.link.read().await.clone();
+        match link {
+            Some(link) => link.consumers.lock().await.as_ref().map_or(0, Vec::len),
             None => 0,
         }
     }
