@@ -182,21 +182,19 @@ impl Directory {
     }
 
     /// The whole directory as consecutive frames of at most `per_frame` agents each, every one but
-    /// the last marked `more` (an empty directory is one empty frame).
-    pub fn to_proto_frames(&self, per_frame: usize) -> Vec<proto::AgentDirectory> {
-        let agents: Vec<proto::AgentInfo> = self.entries().map(AgentEntry::to_proto).collect();
-        let mut frames: Vec<proto::AgentDirectory> = agents
-            .chunks(per_frame.max(1))
-            .map(|part| proto::AgentDirectory {
-                agents: part.to_vec(),
-                more: true,
-            })
-            .collect();
-        match frames.last_mut() {
-            Some(last) => last.more = false,
-            None => frames.push(proto::AgentDirectory::default()),
-        }
-        frames
+    /// the last marked `more` (an empty directory is one empty frame). Frames are built as they are
+    /// taken, so a session never holds more than one frame's copy of the directory.
+    pub fn to_proto_frames(&self, per_frame: usize) -> impl Iterator<Item = proto::AgentDirectory> + '_ {
+        let entries: Vec<&AgentEntry> = self.entries().collect();
+        let per_frame = per_frame.max(1);
+        let frames = entries.len().div_ceil(per_frame).max(1);
+        (0..frames).map(move |i| {
+            let part = &entries[(i * per_frame).min(entries.len())..((i + 1) * per_frame).min(entries.len())];
+            proto::AgentDirectory {
+                agents: part.iter().map(|e| e.to_proto()).collect(),
+                more: i + 1 < frames,
+            }
+        })
     }
 
     /// Rebuilds a directory from protobuf entries (as an agent receives them).
@@ -278,12 +276,12 @@ mod tests {
         })
         .unwrap();
         let dir = Directory::from_centops_json(&json).unwrap();
-        let frames = dir.to_proto_frames(2);
+        let frames: Vec<_> = dir.to_proto_frames(2).collect();
         assert_eq!(frames.iter().map(|f| f.agents.len()).collect::<Vec<_>>(), [2, 2, 1]);
         assert_eq!(frames.iter().map(|f| f.more).collect::<Vec<_>>(), [true, true, false]);
         let rebuilt: Vec<_> = frames.into_iter().flat_map(|f| f.agents).collect();
         assert_eq!(Directory::from_proto(&rebuilt).unwrap(), dir);
-        let empty = Directory::default().to_proto_frames(2);
+        let empty: Vec<_> = Directory::default().to_proto_frames(2).collect();
         assert_eq!(empty.len(), 1);
         assert!(!empty[0].more && empty[0].agents.is_empty());
     }
