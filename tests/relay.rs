@@ -360,6 +360,49 @@ async fn message_for_an_offline_recipient_waits_in_its_queue_and_arrives_when_it
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_session_waits_until_another_instance_lets_go_of_the_queue() {
+    use futures::StreamExt as _;
+    let mut relay = Relay::start().await;
+    relay.agent_a.shutdown().await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while relay.probe.consumer_count(&relay.a.id).await != Some(0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "A's consumer goes with its session"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Another instance still consumes A's queue (quorum queues do not enforce exclusive consumers).
+    let (old_channel, mut old_consumer) = relay.probe.hold_consumer(&relay.a.id).await;
+    relay.agent_a = start_agent(agent_config(&relay.pki, &relay.a, relay.server.grpc, &relay.sink_a.url)).await;
+    relay.agent_a.wait_connected().await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        relay.probe.consumer_count(&relay.a.id).await,
+        Some(1),
+        "the new session does not consume alongside the old consumer"
+    );
+    let message = seed_message(&relay.a.id);
+    assert_eq!(relay.post_to_b(&message).await.0, 200);
+    let held = tokio::time::timeout(WAIT, old_consumer.next())
+        .await
+        .expect("the old consumer gets the message")
+        .expect("a delivery")
+        .expect("not an error");
+    let body: Value = serde_json::from_slice(&held.data).unwrap();
+    assert_eq!(body["id"], message["id"]);
+    assert!(relay.sink_a.messages().is_empty());
+
+    // The old instance lets go without acking: the message returns and the new session takes over.
+    old_channel.close(200, "old instance gone".into()).await.unwrap();
+    let got = relay.sink_a.wait_for(1, WAIT).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0]["id"], message["id"]);
+    assert_eq!(relay.probe.consumer_count(&relay.a.id).await, Some(1));
+    relay.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_messages_arrive_exactly_once_and_in_order() {
     let relay = Relay::start().await;
     let mut sent = Vec::new();

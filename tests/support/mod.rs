@@ -67,6 +67,15 @@ impl BrokerProbe {
 
     /// Messages ready in `queue` (None if it does not exist).
     pub async fn queue_len(&self, queue: &str) -> Option<u32> {
+        self.queue_counts(queue).await.map(|(messages, _)| messages)
+    }
+
+    /// Consumers on `queue` (None if it does not exist).
+    pub async fn consumer_count(&self, queue: &str) -> Option<u32> {
+        self.queue_counts(queue).await.map(|(_, consumers)| consumers)
+    }
+
+    async fn queue_counts(&self, queue: &str) -> Option<(u32, u32)> {
         let ch = self.conn.create_channel().await.ok()?;
         let q = ch
             .queue_declare(
@@ -80,7 +89,7 @@ impl BrokerProbe {
             .await
             .ok()?;
         let _ = ch.close(200, "probe".into()).await;
-        Some(q.message_count())
+        Some((q.message_count(), q.consumer_count()))
     }
 
     /// Waits until `queue` holds `n` ready messages.
@@ -104,6 +113,21 @@ impl BrokerProbe {
         }
         let _ = ch.close(200, "probe".into()).await;
         out
+    }
+
+    /// Consumes `queue` without acking, as another server instance would; closing the channel lets go.
+    pub async fn hold_consumer(&self, queue: &str) -> (lapin::Channel, lapin::Consumer) {
+        let ch = self.conn.create_channel().await.expect("channel");
+        let consumer = ch
+            .basic_consume(
+                queue.into(),
+                "probe-old-instance".into(),
+                lapin::options::BasicConsumeOptions::default(),
+                Default::default(),
+            )
+            .await
+            .expect("consume");
+        (ch, consumer)
     }
 
     /// Deletes queues (missing ones are fine).

@@ -432,6 +432,30 @@ impl Broker {
         self.declare_queue(agent_id, args).await
     }
 
+    /// How many consumers `queue` has now (on any instance).
+    pub async fn consumer_count(&self, queue: &str) -> Result<u32, BrokerError> {
+        let link = self.link().await?;
+        let amqp = |source| BrokerError::Amqp {
+            operation: "count consumers",
+            queue: queue.to_owned(),
+            source,
+        };
+        let channel = link.conn.create_channel().await.map_err(amqp)?;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let result = channel
+            .queue_declare(queue.into(), passive, FieldTable::default())
+            .await
+            .map(|q| q.consumer_count())
+            .map_err(amqp);
+        if result.is_ok() {
+            let _ = channel.close(200, "counted".into()).await;
+        }
+        result
+    }
+
     async fn declare_queue(&self, queue: &str, args: FieldTable) -> Result<(), BrokerError> {
         let link = self.link().await?;
         let amqp = |source| BrokerError::Amqp {
@@ -540,6 +564,8 @@ impl Broker {
             .basic_consume(
                 queue.into(),
                 consumer_tag.into(),
+                // Not `exclusive`: quorum queues ignore it (RabbitMQ 3.10). `delivery::run` waits
+                // for other instances' consumers to go before it consumes instead.
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )

@@ -82,15 +82,22 @@ pub async fn run(
     let retry = Duration::from_millis(core.cfg.rabbitmq.reconnect_interval_ms.min(1000));
     let tag = format!("dmr-{agent_id}-{}", uuid::Uuid::new_v4());
     let mut refusals = 0u32;
+    let mut handover = true;
     while !stop.is_cancelled() {
+        if handover {
+            // A session that just moved here may still be consumed on another instance (or by this
+            // instance's previous session): wait, bounded, until it lets go.
+            wait_for_other_consumers(&core, &agent_id, &stop).await;
+            handover = false;
+        }
         let consumer = match core.broker.consume(&agent_id, &tag).await {
             Ok(c) => {
                 refusals = 0;
                 c
             }
             Err(e) => {
-                // Typically another instance still holds the exclusive consumer for a moment, or
-                // the broker is reconnecting: say so once, then quietly retry.
+                // Typically the queue is missing or the broker is reconnecting: say so once, then
+                // quietly retry.
                 if refusals == 0 {
                     tracing::warn!(agent_id, error = %e, "cannot consume the agent's queue yet; retrying");
                 } else {
@@ -150,7 +157,40 @@ pub async fn run(
     }
 }
 
-/// True if `queue` exists and has a consumer (ours: the consumer is exclusive).
+/// Longest wait for another consumer of an agent's queue to go before consuming anyway.
+const HANDOVER_WAIT: Duration = Duration::from_secs(10);
+
+/// Waits until nobody consumes `agent_id`'s queue, for at most [`HANDOVER_WAIT`].
+///
+/// RabbitMQ 3.10 does not enforce `exclusive` consumers on quorum queues, and a single-active-consumer
+/// queue argument would make our queues incompatible with the original's. Without this wait, the
+/// old consumer's prefetched messages would be redelivered after newer ones, breaking queue order.
+/// The old consumer normally goes within milliseconds (its session ends when the agent's stream
+/// does, or on the `dmr.sessions` announcement); after the wait we consume anyway (a consumer whose
+/// connection is gone unnoticed is dropped by RabbitMQ's heartbeat), and say so.
+async fn wait_for_other_consumers(core: &Core, agent_id: &str, stop: &CancellationToken) {
+    let deadline = tokio::time::Instant::now() + HANDOVER_WAIT;
+    loop {
+        match core.broker.consumer_count(agent_id).await.ok() {
+            Some(0) | None => return,
+            Some(n) if tokio::time::Instant::now() >= deadline => {
+                tracing::warn!(
+                    agent_id,
+                    consumers = n,
+                    "the agent's queue still has another consumer; consuming alongside it"
+                );
+                return;
+            }
+            Some(_) => {}
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
+}
+
+/// True if `queue` exists and has a consumer.
 async fn consumer_attached(channel: &lapin::Channel, queue: &str) -> bool {
     let passive = lapin::options::QueueDeclareOptions {
         passive: true,
