@@ -345,6 +345,15 @@ async fn nothing_accepted_is_lost_when_a_server_dies_rabbitmq_restarts_streams_d
         lost.len()
     );
     assert_eq!(outcomes.len(), N, "every send got an answer");
+    let queued_despite_503: Vec<&String> = outcomes
+        .iter()
+        .filter(|(id, o)| **o == Outcome::Refused(503) && (delivered.contains(*id) || dead.contains_key(*id)))
+        .map(|(id, _)| id)
+        .collect();
+    assert!(
+        queued_despite_503.is_empty(),
+        "503 promises nothing was queued, yet these arrived: {queued_despite_503:?}"
+    );
     assert!(
         lost.is_empty(),
         "accepted but neither delivered nor dead-lettered: {lost:?}\nserver-1:\n{}\nserver-2:\n{}\nagent-a:\n{}",

@@ -176,6 +176,13 @@ pub(crate) async fn post_message(
             StatusCode::SERVICE_UNAVAILABLE,
             vec![format!("DMR server could not queue the message: {}", result.detail)],
         ),
+        Ok(result) if result.status == SendStatus::Unknown as i32 => error(
+            StatusCode::BAD_GATEWAY,
+            vec![format!(
+                "DMR server lost the broker's confirmation; retry with the same id: {}",
+                result.detail
+            )],
+        ),
         Ok(result) => error(
             StatusCode::BAD_GATEWAY,
             vec![format!("DMR server refused the message: {}", result.detail)],

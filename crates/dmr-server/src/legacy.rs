@@ -273,7 +273,9 @@ async fn process_sends(core: Arc<Core>, agent_id: String, mut sends: mpsc::Recei
                     "status": "error",
                     "error": errors.iter().map(|e| format!("{}: {}", e.kind.as_str(), e.message)).collect::<Vec<_>>().join("; "),
                 }),
-                SendOutcome::Unavailable(detail) => json!({"status": "error", "error": detail}),
+                SendOutcome::Unavailable(detail) | SendOutcome::Unknown(detail) => {
+                    json!({"status": "error", "error": detail})
+                }
             };
             core.metrics
                 .message_processing

@@ -23,6 +23,8 @@ pub enum SendOutcome {
     Invalid(Vec<MessageError>),
     /// The broker could not take it; nothing was queued.
     Unavailable(String),
+    /// Handed to the broker, but the confirmation was lost: it may or may not be queued.
+    Unknown(String),
 }
 
 impl SendOutcome {
@@ -37,6 +39,7 @@ impl SendOutcome {
                 errors.iter().map(|e| e.message.as_str()).collect::<Vec<_>>().join("; "),
             ),
             Self::Unavailable(detail) => (SendStatus::Unavailable, vec![], detail.clone()),
+            Self::Unknown(detail) => (SendStatus::Unknown, vec![], detail.clone()),
         };
         SendResult {
             correlation_id,
@@ -83,7 +86,7 @@ pub async fn start_send(core: &Arc<Core>, agent_id: &str, raw: Value) -> impl Fu
                     // added since the last declaration): declare it and publish once more.
                     republish(&core, &env).await
                 }
-                Err(e) => unavailable(&env, e),
+                Err(e) => unconfirmed(&env, e),
             },
             Ok((env, Err(e))) => unavailable(&env, e),
         }
@@ -100,9 +103,27 @@ async fn republish(core: &Core, env: &Envelope) -> SendOutcome {
     core.broker
         .announce(&env.recipient_id, crate::broker::Announcement::QueueRecreated)
         .await;
-    match core.broker.publish(&env.recipient_id, &encode(env)).await {
-        Ok(()) => SendOutcome::Accepted,
+    match core.broker.start_publish(&env.recipient_id, &encode(env)).await {
+        Ok(confirm) => match confirm.await {
+            Ok(()) => SendOutcome::Accepted,
+            Err(e) => unconfirmed(env, e),
+        },
         Err(e) => unavailable(env, e),
+    }
+}
+
+/// The publish frame went out but no positive confirm came back.
+fn unconfirmed(env: &Envelope, e: BrokerError) -> SendOutcome {
+    match e {
+        // The broker answered: it did not take the message.
+        BrokerError::NotAccepted { .. } => unavailable(env, e),
+        // No answer (connection lost): the message may be queued.
+        _ => {
+            tracing::warn!(message_id = %env.id, recipient_id = %env.recipient_id, error = %e, "publish not confirmed: outcome unknown");
+            SendOutcome::Unknown(format!(
+                "publish not confirmed, the message may or may not be queued: {e}"
+            ))
+        }
     }
 }
 
