@@ -50,8 +50,7 @@ async fn an_added_agent_connects_and_receives_without_a_restart_and_everyone_see
     legacy.kill().await;
     let mut agent_c = agent_c;
     agent_c.shutdown().await;
-    relay.probe.delete(&[c.id.clone(), format!("{}.dlq", c.id)]).await;
-    relay.finish().await;
+    relay.finish_with(&[&c]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -205,8 +204,7 @@ async fn a_directory_file_is_reread_when_it_changes() {
     agent_c.wait_connected().await;
     assert!(eventually(WAIT, || relay.agent_b.link.directory().contains(&c.id)).await);
     agent_c.shutdown().await;
-    relay.probe.delete(&[c.id.clone(), format!("{}.dlq", c.id)]).await;
-    relay.finish().await;
+    relay.finish_with(&[&c]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -216,7 +214,7 @@ async fn every_instance_converges_on_the_same_directory_independently() {
     let mut cfg = server_config(&relay.pki, &relay.pki.dir.path().join("centops.json"), &relay.vf_queue);
     cfg.centops_configuration_url = centops.url.clone();
     cfg.centops_configuration_cron_time = "* * * * * *".into();
-    let second = start_server(cfg).await;
+    let mut second = start_server(cfg).await;
     let c = relay.pki.agent("Agent C");
     centops.serve_agents(&[&relay.a, &relay.b, &c]);
     let both =
@@ -226,6 +224,6 @@ async fn every_instance_converges_on_the_same_directory_independently() {
         "both instances picked up the change on their own"
     );
     second.stop.cancel();
-    relay.probe.delete(&[c.id.clone(), format!("{}.dlq", c.id)]).await;
-    relay.finish().await;
+    let _ = (&mut second.task).await;
+    relay.finish_with(&[&c]).await;
 }

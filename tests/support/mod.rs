@@ -483,6 +483,16 @@ impl Relay {
         q
     }
 
+    /// Stops everything and deletes the queues, those of `others` (agents a test added) too: only
+    /// once the server is stopped, or it could declare them again.
+    pub async fn finish_with(mut self, others: &[&AgentCredentials]) {
+        for c in others {
+            self.extra_queues.push(c.id.clone());
+            self.extra_queues.push(format!("{}.dlq", c.id));
+        }
+        self.finish().await;
+    }
+
     /// Stops everything and deletes the queues.
     pub async fn finish(mut self) {
         self.agent_a.shutdown().await;
