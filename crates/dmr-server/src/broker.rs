@@ -118,6 +118,19 @@ impl Drop for ConsumerSlot {
     }
 }
 
+/// Consumers of `queue` now, by a passive declare on `channel` (which RabbitMQ closes if the queue
+/// does not exist).
+pub async fn consumers_on(channel: &Channel, queue: &str) -> Result<u32, lapin::Error> {
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let q = channel
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await?;
+    Ok(q.consumer_count())
+}
+
 /// How long opening a connection may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long closing our connections may take (a dead one never answers).
@@ -440,19 +453,10 @@ impl Broker {
             queue: queue.to_owned(),
             source,
         };
+        // A throw-away channel: a passive declare of a missing queue closes the channel it ran on.
         let channel = link.conn.create_channel().await.map_err(amqp)?;
-        let passive = QueueDeclareOptions {
-            passive: true,
-            ..QueueDeclareOptions::default()
-        };
-        let result = channel
-            .queue_declare(queue.into(), passive, FieldTable::default())
-            .await
-            .map(|q| q.consumer_count())
-            .map_err(amqp);
-        if result.is_ok() {
-            let _ = channel.close(200, "counted".into()).await;
-        }
+        let result = consumers_on(&channel, queue).await.map_err(amqp);
+        let _ = channel.close(200, "counted".into()).await;
         result
     }
 

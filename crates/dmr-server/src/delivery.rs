@@ -192,14 +192,7 @@ async fn wait_for_other_consumers(core: &Core, agent_id: &str, stop: &Cancellati
 
 /// True if `queue` exists and has a consumer.
 async fn consumer_attached(channel: &lapin::Channel, queue: &str) -> bool {
-    let passive = lapin::options::QueueDeclareOptions {
-        passive: true,
-        ..Default::default()
-    };
-    matches!(
-        channel.queue_declare(queue.into(), passive, lapin::types::FieldTable::default()).await,
-        Ok(q) if q.consumer_count() > 0
-    )
+    matches!(crate::broker::consumers_on(channel, queue).await, Ok(n) if n > 0)
 }
 
 /// Delivers one message with retries. Returns false when the session is gone.
