@@ -183,9 +183,9 @@ mod tests {
     fn vectors() -> Value {
         let text = std::fs::read_to_string(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../shared/testdata/jose-vectors.json"
+            "/tests/data/jose-vectors.json"
         ))
-        .expect("../shared/testdata/jose-vectors.json must be beside the repository");
+        .expect("tests/data/jose-vectors.json (copied from the original's interop vectors) is missing");
         serde_json::from_str(&text).expect("vectors are JSON")
     }
 

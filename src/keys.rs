@@ -5,7 +5,7 @@
 //! (`BEGIN CERTIFICATE`, whose key is used). Literal `\n` escapes from env values are accepted.
 //! Keys under 2048 bits are refused, as `jose` refuses them.
 //!
-//! All private-key operations run on aws-lc-rs (constant-time; see `performance.md`).
+//! All private-key operations run on aws-lc-rs (constant-time; see the performance appendix of `docs/compat.md`).
 
 use aws_lc_rs::encoding::AsDer;
 use aws_lc_rs::rsa::{
@@ -248,9 +248,9 @@ mod tests {
     fn vectors() -> serde_json::Value {
         let text = std::fs::read_to_string(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../shared/testdata/jose-vectors.json"
+            "/tests/data/jose-vectors.json"
         ))
-        .expect("../shared/testdata/jose-vectors.json must be beside the repository");
+        .expect("tests/data/jose-vectors.json (copied from the original's interop vectors) is missing");
         serde_json::from_str(&text).expect("vectors are JSON")
     }
 

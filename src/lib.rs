@@ -1,4 +1,4 @@
-//! The DMR wire contract, pure and free of I/O.
+//! The DMR wire contract, pure and free of I/O. "compat §N" cites section N of `docs/compat.md`.
 //!
 //! - [`proto`]: the generated gRPC types and service stubs (`dmr.v1`).
 //! - [`message`]: the v1 REST message and its validation (the original's DTO rules, compat §1).

@@ -2,7 +2,7 @@
 //! claims `sub` (= kid), `iat`, `exp`, signed with the agent's directory key.
 //!
 //! Verification is split so the Socket.IO edge can apply its own expiry policy (expired tokens of
-//! recently connected agents are let back in, see `compat.md` §4 "Stale tokens").
+//! recently connected agents are let back in, see `docs/compat.md` §4 "Stale tokens").
 
 use crate::keys::{PrivateKey, PublicKey};
 use base64::Engine as _;
@@ -132,9 +132,9 @@ mod tests {
     fn verifies_the_originals_token_and_enforces_expiry() {
         let text = std::fs::read_to_string(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../shared/testdata/jose-vectors.json"
+            "/tests/data/jose-vectors.json"
         ))
-        .expect("../shared/testdata/jose-vectors.json must be beside the repository");
+        .expect("tests/data/jose-vectors.json (copied from the original's interop vectors) is missing");
         let v: Value = serde_json::from_str(&text).unwrap();
         let token = v["socketAuthJwtOfA_expiredOnPurpose"].as_str().unwrap();
         let key = PublicKey::from_pem(v["agentA"]["publicKeySpkiPem"].as_str().unwrap()).unwrap();

@@ -1,7 +1,7 @@
 //! `dmr-bench`: the DMR benchmark. Measures the ceilings of this machine in the same run (RabbitMQ
 //! driven directly with the server's publish/consume settings; RSA-2048 with the agents' library),
 //! then the relay, end-to-end and connection-scale scenarios, and prints every figure with its
-//! ratio to the relevant ceiling and to the targets of `shared/spec/performance.md`.
+//! ratio to the relevant ceiling and to the targets of the performance appendix of `docs/compat.md`.
 //!
 //! `cargo run --release -p dmr-bench -- [--quick] [--json out.json] [--streams N]`
 //!
@@ -302,7 +302,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
 
     let targets = targets(&rows, tenth_load);
-    println!("\ntargets (shared/spec/performance.md):");
+    println!("\ntargets (docs/compat.md, performance appendix):");
     for t in &targets {
         println!(
             "  {:<58} {:>18}  measured {:<28} {}",
@@ -336,7 +336,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The targets of performance.md, judged on this run's rows.
+/// The performance targets (docs/compat.md appendix), judged on this run's rows.
 fn targets(rows: &[Row], tenth_load: f64) -> Vec<Target> {
     let mut out = Vec::new();
     let best_ratio = |prefix: &str| {
