@@ -21,6 +21,8 @@ source scripts/test-tools.sh
 
 echo "== buf lint"
 (cd "$(pwd)" && tests/node/node_modules/.bin/buf lint)
+echo "== buf breaking (proto/ against the released contract in proto-release/)"
+tests/node/node_modules/.bin/buf breaking --against proto-release
 echo "== deployment files (compose, k8s, monitoring)"
 bash scripts/check-deploy.sh
 echo "== cargo fmt --check"
