@@ -21,6 +21,12 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
+# The commit reported by the server's dmr_build_info metric (.git is not in the build context):
+#   docker build --build-arg DMR_BUILD_COMMIT="$(git rev-parse HEAD)" -t dmr:local .
+ARG DMR_BUILD_COMMIT=unknown
+# The commit reported by the server's dmr_build_info metric (.git is not in the build context):
+#   docker build --build-arg DMR_BUILD_COMMIT="$(git rev-parse HEAD)" -t dmr:local .
+ARG DMR_BUILD_COMMIT=unknown
 # Cache mounts keep the registry and target/ between builds (BuildKit); the binary is copied
 # out of the cached target/ so that it ends up in the image layer.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \

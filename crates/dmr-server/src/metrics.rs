@@ -2,7 +2,7 @@
 //! "socket connections" so that its alert rules keep working; RabbitMQ and delivery metrics sit
 //! beside them.
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 /// Namespace label value used for gRPC sessions in the per-event counters.
 pub const GRPC_NAMESPACE: &str = "grpc";
@@ -11,6 +11,8 @@ pub const GRPC_NAMESPACE: &str = "grpc";
 pub struct Metrics {
     /// The registry behind `/metrics`.
     pub registry: Registry,
+    /// Always 1, labelled with this build's version and commit (`dmr_build_info`).
+    pub build_info: IntGaugeVec,
     /// Open agent connections (both transports).
     pub connections_active: IntGauge,
     /// Agent connections accepted.
@@ -79,7 +81,27 @@ impl Metrics {
             Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)).unwrap_or_else(|_| unreachable!())
         };
         let gauge = |name: &str, help: &str| IntGauge::new(name, help).unwrap_or_else(|_| unreachable!());
+        // process_* (CPU, resident memory, open file descriptors, start time), as operators expect
+        // of every target; only Linux has the collector.
+        #[cfg(target_os = "linux")]
+        let _ = registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()));
+        let build_info = reg!(
+            IntGaugeVec::new(
+                Opts::new("dmr_build_info", "Always 1: the version and commit of this build"),
+                &["version", "commit"]
+            )
+            .unwrap_or_else(|_| unreachable!())
+        );
+        // The commit comes from the build environment (the Dockerfile passes DMR_BUILD_COMMIT):
+        // reading git here would rebuild the crate on every commit.
+        build_info
+            .with_label_values(&[
+                env!("CARGO_PKG_VERSION"),
+                option_env!("DMR_BUILD_COMMIT").unwrap_or("unknown"),
+            ])
+            .set(1);
         Self {
+            build_info,
             connections_active: reg!(gauge(
                 "dmr_socket_connections_active",
                 "Open agent connections (gRPC streams and Socket.IO)"
