@@ -3,7 +3,7 @@
 //! `rabbitmq` user (Debian's scripts drop to that user); it is stopped and removed on drop, also
 //! when the test fails.
 
-use std::net::TcpListener;
+use crate::processes::free_port;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -13,10 +13,6 @@ pub struct PrivateBroker {
     pub node: String,
     pub port: u16,
     dir: PathBuf,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn rabbitmqctl(node: &str, args: &[&str]) -> std::process::Output {
@@ -35,13 +31,13 @@ impl PrivateBroker {
         let port = free_port();
         let dist_port = free_port();
         let dir = std::env::temp_dir().join(format!("dmr-rabbit-{}", &id[..12]));
-        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(&dir).expect("node data folder");
         std::fs::write(
             dir.join("rabbitmq.conf"),
             format!("listeners.tcp.local = 127.0.0.1:{port}\n"),
         )
-        .unwrap();
-        std::fs::write(dir.join("enabled_plugins"), "[].\n").unwrap();
+        .expect("node config");
+        std::fs::write(dir.join("enabled_plugins"), "[].\n").expect("node plugins file");
         let chown = Command::new("chown")
             .args(["-R", "rabbitmq:rabbitmq"])
             .arg(&dir)

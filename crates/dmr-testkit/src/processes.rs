@@ -7,8 +7,8 @@ use tokio::process::{Child, Command};
 
 /// The `dmr` binary built next to this test binary (`cargo test --workspace` builds it).
 pub fn dmr_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let dir = exe.parent().and_then(Path::parent).expect("the target profile dir");
     let bin = dir.join("dmr");
     assert!(
         bin.exists(),
@@ -32,7 +32,7 @@ impl DmrProcess {
             .create(true)
             .append(true)
             .open(&log)
-            .unwrap();
+            .expect("process log file");
         let mut cmd = Command::new(dmr_binary());
         cmd.arg(subcommand)
             .env_clear()
@@ -79,8 +79,7 @@ impl DmrProcess {
 /// A free TCP port on loopback.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
         .port()
 }

@@ -1,0 +1,222 @@
+//! The shared RabbitMQ from a test's point of view: its settings, a probe for inspecting queues,
+//! and deleting the queues a test created — also when the test panics ([`QueueGuard`]).
+
+use crate::KitError;
+use dmr_server::config::RabbitConfig;
+use futures::StreamExt as _;
+use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
+use serde_json::Value;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// RabbitMQ settings from `RABBITMQ_DEFAULT_*` (default 127.0.0.1:5672 guest/guest).
+pub fn rabbit_config() -> RabbitConfig {
+    let mut cfg = RabbitConfig::default();
+    if let Ok(h) = std::env::var("RABBITMQ_DEFAULT_HOST") {
+        cfg.host = h;
+    }
+    if let Some(p) = std::env::var("RABBITMQ_DEFAULT_PORT").ok().and_then(|p| p.parse().ok()) {
+        cfg.port = p;
+    }
+    cfg
+}
+
+/// The queues the server declares for agent `id`: `<id>` and `<id>.dlq`.
+pub fn agent_queues(id: &str) -> [String; 2] {
+    [id.to_owned(), format!("{id}.dlq")]
+}
+
+/// Deletes `names` on the broker at `uri`, 32 at a time (missing queues are fine); returns how
+/// many were deleted.
+pub async fn delete_queues(uri: &str, names: Vec<String>) -> Result<usize, KitError> {
+    let conn = lapin::Connection::connect(uri, lapin::ConnectionProperties::default()).await?;
+    let deleted = futures::stream::iter(names)
+        .map(|name| {
+            let conn = &conn;
+            async move {
+                let Ok(ch) = conn.create_channel().await else {
+                    return false;
+                };
+                let ok = ch
+                    .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+                    .await
+                    .is_ok();
+                let _ = ch.close(200, "deleted".into()).await;
+                ok
+            }
+        })
+        .buffer_unordered(32)
+        .filter(|ok| futures::future::ready(*ok))
+        .count()
+        .await;
+    let _ = conn.close(200, "test cleanup".into()).await;
+    Ok(deleted)
+}
+
+/// [`delete_queues`] from synchronous code (a `Drop`): runs on a thread of its own with its own
+/// small runtime, so it works inside a runtime (even one that is unwinding a panic) and outside.
+pub fn delete_queues_blocking(uri: &str, names: Vec<String>) -> Result<usize, KitError> {
+    let uri = uri.to_owned();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        rt.block_on(async {
+            match tokio::time::timeout(Duration::from_secs(20), delete_queues(&uri, names)).await {
+                Ok(result) => result,
+                Err(_) => Err(KitError::Timeout("RabbitMQ (deleting test queues)")),
+            }
+        })
+    })
+    .join()
+    .map_err(|_| KitError::WorkerPanicked)?
+}
+
+/// Queues a test created on the shared broker, deleted when the guard is dropped — at the end of
+/// the test or while it unwinds a panic — unless [`QueueGuard::delete_now`] already did.
+///
+/// Whoever owns the guard must have stopped its servers before it drops: a running server could
+/// declare an agent's queues again (see [`crate::Relay`], whose `Drop` stops them first).
+pub struct QueueGuard {
+    uri: String,
+    queues: Mutex<Vec<String>>,
+}
+
+impl QueueGuard {
+    pub fn new(rabbit: &RabbitConfig) -> Self {
+        Self {
+            uri: rabbit.uri(),
+            queues: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Also deletes `queue`.
+    pub fn track(&self, queue: impl Into<String>) {
+        self.lock().push(queue.into());
+    }
+
+    /// Also deletes agent `id`'s queues (`<id>`, `<id>.dlq`).
+    pub fn track_agent(&self, id: &str) {
+        self.lock().extend(agent_queues(id));
+    }
+
+    /// The queues still to delete.
+    pub fn queues(&self) -> Vec<String> {
+        self.lock().clone()
+    }
+
+    /// Deletes them now (from async code); the guard then has nothing left to do.
+    pub async fn delete_now(&self) {
+        let names = std::mem::take(&mut *self.lock());
+        if !names.is_empty()
+            && let Err(e) = delete_queues(&self.uri, names).await
+        {
+            eprintln!("test queues not deleted: {e}");
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
+        // A panic while the lock was held must not stop the clean-up.
+        self.queues.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Drop for QueueGuard {
+    fn drop(&mut self) {
+        let names = std::mem::take(&mut *self.lock());
+        if !names.is_empty()
+            && let Err(e) = delete_queues_blocking(&self.uri, names)
+        {
+            eprintln!("test queues not deleted: {e}");
+        }
+    }
+}
+
+/// A direct AMQP connection for inspecting queues. Panics with a clear message if no broker.
+pub struct BrokerProbe {
+    conn: lapin::Connection,
+}
+
+impl BrokerProbe {
+    pub async fn connect() -> Self {
+        Self::connect_to(&rabbit_config()).await
+    }
+
+    pub async fn connect_to(cfg: &RabbitConfig) -> Self {
+        let conn = tokio::time::timeout(
+            Duration::from_secs(10),
+            lapin::Connection::connect(&cfg.uri(), lapin::ConnectionProperties::default()),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("RabbitMQ at {} did not answer within 10 s: these tests need a real broker (see README: the test command starts one)", cfg.display_addr()))
+        .unwrap_or_else(|e| panic!("RabbitMQ at {} is not reachable ({e}): these tests need a real broker (see README: the test command starts one)", cfg.display_addr()));
+        Self { conn }
+    }
+
+    /// Messages ready in `queue` (None if it does not exist).
+    pub async fn queue_len(&self, queue: &str) -> Option<u32> {
+        self.queue_counts(queue).await.map(|(messages, _)| messages)
+    }
+
+    /// Consumers on `queue` (None if it does not exist).
+    pub async fn consumer_count(&self, queue: &str) -> Option<u32> {
+        self.queue_counts(queue).await.map(|(_, consumers)| consumers)
+    }
+
+    async fn queue_counts(&self, queue: &str) -> Option<(u32, u32)> {
+        let ch = self.conn.create_channel().await.ok()?;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let q = ch.queue_declare(queue.into(), passive, Default::default()).await.ok()?;
+        let _ = ch.close(200, "probe".into()).await;
+        Some((q.message_count(), q.consumer_count()))
+    }
+
+    /// Waits until `queue` holds `n` ready messages; returns the last length seen.
+    pub async fn wait_queue_len(&self, queue: &str, n: u32, timeout: Duration) -> Option<u32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let len = self.queue_len(queue).await;
+            if len == Some(n) || Instant::now() > deadline {
+                return len;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Takes every message from `queue` (acking them) and returns their JSON bodies.
+    pub async fn drain(&self, queue: &str) -> Vec<Value> {
+        let ch = self.conn.create_channel().await.expect("channel");
+        let mut out = Vec::new();
+        while let Ok(Some(msg)) = ch.basic_get(queue.into(), BasicGetOptions { no_ack: true }).await {
+            out.push(serde_json::from_slice(&msg.delivery.data).unwrap_or(Value::Null));
+        }
+        let _ = ch.close(200, "probe".into()).await;
+        out
+    }
+
+    /// Consumes `queue` without acking, as another server instance would; closing the channel lets go.
+    pub async fn hold_consumer(&self, queue: &str) -> (lapin::Channel, lapin::Consumer) {
+        let ch = self.conn.create_channel().await.expect("channel");
+        let consumer = ch
+            .basic_consume(
+                queue.into(),
+                "probe-old-instance".into(),
+                lapin::options::BasicConsumeOptions::default(),
+                Default::default(),
+            )
+            .await
+            .expect("consume");
+        (ch, consumer)
+    }
+
+    /// Deletes queues (missing ones are fine).
+    pub async fn delete(&self, queues: &[String]) {
+        for q in queues {
+            if let Ok(ch) = self.conn.create_channel().await {
+                let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+                let _ = ch.close(200, "cleanup".into()).await;
+            }
+        }
+    }
+}
