@@ -6,10 +6,11 @@
 //! Sending agents run on one runtime (threads `agent-snd`), receiving agents on another
 //! (`agent-rcv`), the server on a third (`srv`), clients and sink on the bench's own.
 
-use crate::fixture::{Pki, ServerHandle, delete_queues, runtime, server_config, v1_message};
+use crate::fixture::{ServerHandle, centops_file, delete_queues, runtime, server_config};
 use crate::measure::{CpuSnapshot, Percentiles, Row, reset_peak_rss, status_kib};
 use crate::now_ns;
 use dmr_server::config::RabbitConfig;
+use dmr_testkit::{TestPki, base_agent_config, v1_message};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -96,9 +97,9 @@ pub async fn run(
     broker_pid: Option<u32>,
     crypto_ceiling: f64,
 ) -> anyhow::Result<Vec<Row>> {
-    let pki = Pki::new()?;
-    let agents = pki.agents(plan.pairs * 2, cache)?;
-    let cfg = server_config(&pki, &pki.centops(&agents)?, rabbit);
+    let pki = TestPki::try_new()?;
+    let agents = pki.agents_with_cached_keys(plan.pairs * 2, cache)?;
+    let cfg = server_config(&pki, &centops_file(&pki, &agents)?, rabbit);
     let server = ServerHandle::start(cfg).await?;
     let vf = server.validation_failures_queue();
     let sink = Arc::new(Sink::default());
@@ -109,18 +110,7 @@ pub async fn run(
     let mut rest = Vec::new();
     let mut links = Vec::new();
     for (i, creds) in agents.iter().enumerate() {
-        let key = pki.write(&format!("{}.key", creds.id), &creds.key_pem)?;
-        let cert = pki.write(&format!("{}.crt", creds.id), &creds.cert_pem)?;
-        let mut cfg = dmr_agent::config::AgentConfig::new(
-            creds.id.clone(),
-            key,
-            cert,
-            pki.ca_file.clone(),
-            format!("https://localhost:{}", server.grpc.port()),
-            sink_url.clone(),
-        );
-        cfg.bind_address = "127.0.0.1".into();
-        cfg.port = 0;
+        let cfg = base_agent_config(&pki, creds, server.grpc, &sink_url);
         let rt = if i % 2 == 0 { &senders_rt } else { &receivers_rt };
         let (addr, link) = start_agent(rt, cfg, stop.clone()).await?;
         if i % 2 == 0 {

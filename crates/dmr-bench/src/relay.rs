@@ -3,12 +3,14 @@
 //! receiving sessions that answer every delivery with OK at once. No RSA in the loop: this is what
 //! the server itself costs on top of the broker.
 
-use crate::fixture::{Pki, RawSession, ServerHandle, delete_queues, open_session, server_config};
+use crate::fixture::{ServerHandle, centops_file, delete_queues, server_config};
 use crate::measure::{CpuSnapshot, Percentiles, Row, reset_peak_rss, status_kib};
 use dmr::proto::session_request::Frame as OutFrame;
 use dmr::proto::session_response::Frame as InFrame;
 use dmr::proto::{DeliveryResult, DeliveryStatus, Envelope, SendRequest, SendStatus, SessionRequest};
 use dmr_server::config::RabbitConfig;
+use dmr_testkit::TestPki;
+use dmr_testkit::session::{RawSession, open_session};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -201,9 +203,9 @@ pub async fn run(
     broker_pid: Option<u32>,
     ceiling: Option<(f64, String)>,
 ) -> anyhow::Result<Vec<Row>> {
-    let pki = Pki::new()?;
-    let agents = pki.agents(plan.pairs * 2, cache)?;
-    let cfg = server_config(&pki, &pki.centops(&agents)?, rabbit);
+    let pki = TestPki::try_new()?;
+    let agents = pki.agents_with_cached_keys(plan.pairs * 2, cache)?;
+    let cfg = server_config(&pki, &centops_file(&pki, &agents)?, rabbit);
     let server = ServerHandle::start(cfg).await?;
     let vf = server.validation_failures_queue();
     let result = sweep(&pki, &agents, &server, plan, broker_pid, ceiling).await;
@@ -213,7 +215,7 @@ pub async fn run(
 }
 
 async fn sweep(
-    pki: &Pki,
+    pki: &TestPki,
     agents: &[dmr_pki::AgentCredentials],
     server: &ServerHandle,
     plan: &RelayPlan,

@@ -3,9 +3,11 @@
 //! runs it, without logging), so that its memory can be read from /proc. Then a reconnect storm:
 //! every session dropped at once, and all reconnecting at once.
 
-use crate::fixture::{Pki, RawSession, delete_queues, open_session};
+use crate::fixture::{centops_file, delete_queues};
 use crate::measure::{Row, process_cpu_seconds, status_kib};
 use dmr_server::config::RabbitConfig;
+use dmr_testkit::TestPki;
+use dmr_testkit::session::{RawSession, open_session};
 use futures::StreamExt as _;
 use rand::Rng as _;
 use std::collections::HashMap;
@@ -35,7 +37,13 @@ struct Child {
     http: u16,
 }
 
-async fn spawn_server(pki: &Pki, centops: &Path, grpc: u16, vf: &str, rabbit: &RabbitConfig) -> anyhow::Result<Child> {
+async fn spawn_server(
+    pki: &TestPki,
+    centops: &Path,
+    grpc: u16,
+    vf: &str,
+    rabbit: &RabbitConfig,
+) -> anyhow::Result<Child> {
     let http = free_port()?;
     let process = tokio::process::Command::new(std::env::current_exe()?)
         .arg("server")
@@ -157,14 +165,14 @@ async fn connect_all(
 
 pub async fn run(rabbit: &RabbitConfig, streams: usize, cache: &Path, settle: Duration) -> anyhow::Result<Vec<Row>> {
     let limit = ensure_fd_limit(streams)?;
-    let pki = Pki::new()?;
+    let pki = TestPki::try_new()?;
     let t = Instant::now();
-    let agents = pki.agents(streams, cache)?;
+    let agents = pki.agents_with_cached_keys(streams, cache)?;
     eprintln!(
         "scale: {streams} agents' credentials ready in {:.1} s (open-file limit {limit})",
         t.elapsed().as_secs_f64()
     );
-    let centops = pki.centops(&agents)?;
+    let centops = centops_file(&pki, &agents)?;
     let vf = format!("validation-failures-bench-{}", uuid::Uuid::new_v4());
     let grpc_port = free_port()?;
     let grpc: SocketAddr = format!("127.0.0.1:{grpc_port}").parse()?;
@@ -177,7 +185,7 @@ pub async fn run(rabbit: &RabbitConfig, streams: usize, cache: &Path, settle: Du
 }
 
 async fn measure(
-    pki: &Pki,
+    pki: &TestPki,
     agents: &[dmr_pki::AgentCredentials],
     child: &mut Child,
     grpc: SocketAddr,
