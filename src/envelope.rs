@@ -100,6 +100,16 @@ pub fn validate(raw: &Value, ctx: &ValidationContext<'_>) -> Result<Envelope, Ve
     if str_field(obj, "payload").is_some_and(|p| p.len() > ctx.max_payload_bytes) {
         format(&mut errors, format!("payload exceeds {} bytes", ctx.max_payload_bytes));
     }
+    if let Some(payload) = str_field(obj, "payload").filter(|p| !p.is_empty() && p.len() <= ctx.max_payload_bytes)
+        && !is_compact_jwe(payload)
+    {
+        // Refused before it is queued: the recipient could only fail to decrypt it later.
+        format(
+            &mut errors,
+            "payload must be a compact JWE: five base64url parts separated by dots (header.key.iv.ciphertext.tag)"
+                .to_owned(),
+        );
+    }
     if obj.get("receivedAt").is_some_and(|v| !v.is_string()) {
         format(&mut errors, "receivedAt must be a string".to_owned());
     }
@@ -153,6 +163,16 @@ pub fn validate(raw: &Value, ctx: &ValidationContext<'_>) -> Result<Envelope, Ve
         payload: text("payload"),
         received_at: None,
     })
+}
+
+/// The compact JWE serialization's shape (RFC 7516 §7.1): five base64url parts; only the
+/// encrypted key may be empty (direct key agreement has none). Decrypting is the recipient's job.
+pub fn is_compact_jwe(payload: &str) -> bool {
+    let parts: Vec<&str> = payload.split('.').collect();
+    let base64url = |p: &str| p.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_');
+    parts.len() == 5
+        && parts.iter().all(|p| base64url(p))
+        && parts.iter().enumerate().all(|(i, p)| i == 1 || !p.is_empty())
 }
 
 fn str_field<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a str> {
@@ -247,6 +267,28 @@ mod tests {
         let mut v = good();
         v["payload"] = json!("x".repeat(1001));
         assert_eq!(kinds(&v), vec![ErrorType::InvalidFormat]);
+    }
+
+    #[test]
+    fn a_payload_that_is_not_a_compact_jwe_is_refused() {
+        for bad in [
+            "hello",
+            "a.b.c",
+            "a.b.c.d.e.f",
+            "a.b.c.d.",
+            "a.b.c.d.e=",
+            "{\"x\":1}.b.c.d.e",
+            "a.b..d.e",
+        ] {
+            let mut v = good();
+            v["payload"] = json!(bad);
+            let errors = validate(&v, &ctx()).unwrap_err();
+            assert_eq!(errors.len(), 1, "{bad}: {errors:?}");
+            assert_eq!(errors[0].kind, ErrorType::InvalidFormat, "{bad}");
+            assert!(errors[0].message.contains("compact JWE"), "{bad}");
+        }
+        // Direct key agreement leaves the encrypted key empty.
+        assert!(is_compact_jwe("eyJhbGciOiJkaXIifQ..iv.ct.tag"));
     }
 
     #[test]

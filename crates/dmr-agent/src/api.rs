@@ -4,16 +4,19 @@
 //! Status codes (compat §1, with our documented differences):
 //! 200 empty body = durably queued by the server; 400 = invalid body (Nest-style field errors);
 //! 413 = body over `MESSAGE_MAX_BYTES`; 422 = unknown recipient (the original answered 500);
-//! 503 = not connected to the server (original: 502); 502 = server refused or connection lost;
-//! 504 = no confirmation within `MESSAGE_DELIVERY_TIMEOUT_MS`.
+//! 503 = not connected to the server (original: 502), with `Retry-After`; 502 = server refused or
+//! connection lost; 504 = no confirmation within `MESSAGE_DELIVERY_TIMEOUT_MS`. Before the body is
+//! read ([`crate::guard`]): 403 = a browser page from an origin not in `CORS_ALLOWED_ORIGINS`,
+//! 415 = not `Content-Type: application/json`. 409 = an id accepted before, with another body.
 
+use crate::guard::{Origins, error};
 use crate::link::{Link, SendError};
 use crate::metrics::Metrics;
-use crate::recent::RecentIds;
+use crate::recent::Recent;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
@@ -36,67 +39,84 @@ pub struct ApiState {
     pub link: Arc<Link>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
-    accepted: Mutex<RecentIds>,
+    /// Browser origins allowed to POST (`CORS_ALLOWED_ORIGINS`).
+    pub origins: Origins,
+    /// Accepted ids with the fingerprint of their message, for idempotent repeats.
+    accepted: Mutex<Recent<u64>>,
 }
 
 impl ApiState {
     /// Creates the state.
-    pub fn new(agent_id: String, key: Arc<PrivateKey>, link: Arc<Link>, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(
+        agent_id: String,
+        key: Arc<PrivateKey>,
+        link: Arc<Link>,
+        metrics: Arc<Metrics>,
+        origins: Origins,
+    ) -> Arc<Self> {
         Arc::new(Self {
             agent_id,
             key,
             link,
             metrics,
-            accepted: Mutex::new(RecentIds::new(ACCEPTED_IDS_REMEMBERED)),
+            origins,
+            accepted: Mutex::new(Recent::new(ACCEPTED_IDS_REMEMBERED)),
         })
+    }
+
+    fn accepted(&self) -> std::sync::MutexGuard<'_, Recent<u64>> {
+        self.accepted.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
 /// The routes.
 pub fn router(state: Arc<ApiState>, max_body: usize) -> Router {
+    // Pages on an allowed origin get CORS answers (preflight included) so that a browser lets
+    // them read the result; everyone else gets none, and `guard::check_request` refuses them.
+    let cors = tower_http::cors::CorsLayer::new()
+        .allow_origin(state.origins.header_values())
+        .allow_methods([Method::POST])
+        .allow_headers([header::CONTENT_TYPE]);
     Router::new()
-        .route("/v1/messages", post(post_message))
+        .route("/v1/messages", post(post_message).layer(cors))
         .route("/v1/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
+        .fallback(crate::guard::not_found)
+        .method_not_allowed_fallback(crate::guard::method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .with_state(state)
 }
 
-fn error(status: StatusCode, messages: Vec<String>) -> Response {
-    let reason = status.canonical_reason().unwrap_or("Error");
-    let message = if messages.len() == 1 && status != StatusCode::BAD_REQUEST {
-        Value::String(messages.into_iter().next().unwrap_or_default())
-    } else {
-        json!(messages)
-    };
-    (
-        status,
-        Json(json!({"statusCode": status.as_u16(), "message": message, "error": reason})),
-    )
-        .into_response()
-}
-
 #[utoipa::path(
     post,
     path = "/v1/messages",
+    tag = "messages",
     request_body(content = crate::openapi::V1MessageDoc, content_type = "application/json"),
     responses(
         (status = 200, description = "Durably queued for the recipient (empty body)"),
         (status = 400, description = "Invalid body; every problem named with its path", body = crate::openapi::ErrorDoc),
+        (status = 403, description = "Sent by a browser page whose Origin is not in CORS_ALLOWED_ORIGINS", body = crate::openapi::ErrorDoc),
+        (status = 409, description = "This id was accepted before with a different message", body = crate::openapi::ErrorDoc),
         (status = 413, description = "Body larger than MESSAGE_MAX_BYTES", body = crate::openapi::ErrorDoc),
+        (status = 415, description = "Content-Type is not application/json", body = crate::openapi::ErrorDoc),
         (status = 422, description = "recipientId is not a known agent", body = crate::openapi::ErrorDoc),
         (status = 502, description = "The server refused the message, or the stream broke before it answered", body = crate::openapi::ErrorDoc),
-        (status = 503, description = "Not connected to the server, or its broker is down; nothing queued", body = crate::openapi::ErrorDoc),
+        (status = 503, description = "Not connected to the server, or its broker is down; nothing queued; retry after Retry-After seconds", body = crate::openapi::ErrorDoc,
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
         (status = 504, description = "No confirmation within MESSAGE_DELIVERY_TIMEOUT_MS; outcome unknown", body = crate::openapi::ErrorDoc),
     )
 )]
 pub(crate) async fn post_message(
     State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
+    if let Err(refused) = crate::guard::check_request(&headers, &state.origins) {
+        return *refused;
+    }
     let body = match body {
         Ok(b) => b,
         Err(rejection) => {
@@ -106,7 +126,7 @@ pub(crate) async fn post_message(
             );
         }
     };
-    let value: Value = match serde_json::from_slice(&body) {
+    let value: Value = match crate::guard::parse_strict_json(&body) {
         Ok(v) => v,
         Err(e) => return error(StatusCode::BAD_REQUEST, vec![format!("body must be valid JSON: {e}")]),
     };
@@ -114,14 +134,21 @@ pub(crate) async fn post_message(
         Ok(m) => m,
         Err(errors) => return error(StatusCode::BAD_REQUEST, errors),
     };
-    if state
-        .accepted
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .contains(&message.id)
-    {
-        // Idempotent: this id was already accepted; do not queue it twice.
-        return StatusCode::OK.into_response();
+    let fingerprint = crate::guard::fingerprint(&value);
+    match state.accepted().get(&message.id) {
+        // Idempotent: this message was already accepted; do not queue it twice.
+        Some(seen) if *seen == fingerprint => return StatusCode::OK.into_response(),
+        // The same id for another message is a client bug that a 200 would hide.
+        Some(_) => {
+            return error(
+                StatusCode::CONFLICT,
+                vec![format!(
+                    "id {} was already accepted with a different message",
+                    message.id
+                )],
+            );
+        }
+        None => {}
     }
     if !state.link.is_connected() {
         // Checked before the recipient: an agent that never connected has no directory yet.
@@ -165,11 +192,7 @@ pub(crate) async fn post_message(
     };
     match state.link.send(envelope).await {
         Ok(result) if result.status == SendStatus::Accepted as i32 => {
-            state
-                .accepted
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .insert(message.id);
+            state.accepted().insert_with(message.id, fingerprint);
             StatusCode::OK.into_response()
         }
         Ok(result) if result.status == SendStatus::Unavailable as i32 => error(
@@ -196,28 +219,16 @@ pub(crate) async fn post_message(
     }
 }
 
-/// The server demands `toISOString` form (compat §5) while the REST API accepts any ISO-8601 date,
-/// so the agent converts what it can; what it cannot is passed on unchanged.
+/// The server demands `toISOString` form (compat §5) while the REST API accepts any ISO-8601 date
+/// (the validator already checked it is one), so the agent converts it.
 fn normalize_timestamp(ts: &str) -> String {
     if dmr::time::is_js_iso_string(ts) {
         return ts.to_owned();
     }
-    let parsed = chrono::DateTime::parse_from_rfc3339(ts)
-        .map(|d| d.with_timezone(&chrono::Utc))
-        .ok()
-        .or_else(|| {
-            chrono::NaiveDate::parse_from_str(ts, "%Y-%m-%d")
-                .ok()
-                .and_then(|d| d.and_hms_opt(0, 0, 0))
-                .map(|d| d.and_utc())
-        });
-    parsed.map_or_else(
-        || ts.to_owned(),
-        |d| d.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-    )
+    dmr::time::to_js_iso_string(ts).unwrap_or_else(|| ts.to_owned())
 }
 
-#[utoipa::path(get, path = "/v1/health", responses((status = 200, description = "Alive; `server` tells whether the stream to the DMR server is up", content_type = "application/json")))]
+#[utoipa::path(get, path = "/v1/health", tag = "health", responses((status = 200, description = "Alive; `server` tells whether the stream to the DMR server is up", content_type = "application/json")))]
 pub(crate) async fn health(State(state): State<Arc<ApiState>>) -> Json<Value> {
     let connected = state.link.is_connected();
     Json(json!({
@@ -228,7 +239,7 @@ pub(crate) async fn health(State(state): State<Arc<ApiState>>) -> Json<Value> {
     }))
 }
 
-#[utoipa::path(get, path = "/ready", responses(
+#[utoipa::path(get, path = "/ready", tag = "health", responses(
     (status = 200, description = "Connected to the DMR server", content_type = "application/json"),
     (status = 503, description = "Not connected to the DMR server", content_type = "application/json"),
 ))]
@@ -244,7 +255,7 @@ pub(crate) async fn ready(State(state): State<Arc<ApiState>>) -> Response {
     }
 }
 
-#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+#[utoipa::path(get, path = "/metrics", tag = "metrics", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 pub(crate) async fn metrics(State(state): State<Arc<ApiState>>) -> impl IntoResponse {
     ([("content-type", "text/plain; version=0.0.4")], state.metrics.render())
 }
@@ -291,5 +302,8 @@ mod tests {
             "2024-01-15T10:30:00.000Z"
         );
         assert_eq!(normalize_timestamp("2024-01-15"), "2024-01-15T00:00:00.000Z");
+        // Forms the validator accepts but chrono's RFC 3339 parser alone did not convert.
+        assert_eq!(normalize_timestamp("2024-01-15T10:30"), "2024-01-15T10:30:00.000Z");
+        assert_eq!(normalize_timestamp("2024-01-15t10:30:00z"), "2024-01-15T10:30:00.000Z");
     }
 }

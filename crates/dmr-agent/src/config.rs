@@ -63,6 +63,10 @@ pub struct AgentConfig {
     /// On SIGTERM: how long in-flight work may take before the agent exits anyway, ms.
     #[arg(long, env = "SHUTDOWN_TIMEOUT_MS", default_value_t = 10_000)]
     pub shutdown_timeout_ms: u64,
+    /// Browser origins (`scheme://host[:port]`, comma-separated) allowed to POST messages; a request
+    /// carrying any other `Origin` header is refused (none allowed by default).
+    #[arg(long, env = "CORS_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub cors_allowed_origins: Vec<String>,
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -104,6 +108,7 @@ impl AgentConfig {
             message_max_bytes: 102_400,
             duplicate_suppression_window: 100_000,
             shutdown_timeout_ms: 10_000,
+            cors_allowed_origins: Vec::new(),
         }
     }
 

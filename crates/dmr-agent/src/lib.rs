@@ -9,10 +9,12 @@
 
 pub mod api;
 pub mod config;
+pub mod guard;
 pub mod inbox;
 pub mod link;
 pub mod metrics;
 pub mod openapi;
+pub mod preflight;
 pub mod recent;
 
 use config::AgentConfig;
@@ -45,6 +47,42 @@ pub enum StartError {
     /// The private key is unusable.
     #[error("AGENT_PRIVATE_KEY: {0}")]
     Key(#[from] dmr::keys::KeyError),
+    /// A certificate file holds no usable certificate.
+    #[error("{variable} {path}: {problem}")]
+    BadCertificate {
+        /// Which setting.
+        variable: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+    /// `AGENT_ID` is not the id the certificate names (the server goes by the certificate).
+    #[error("AGENT_ID {agent_id} is not the agent id in TLS_CERT_FILE {path} ({cert_id})")]
+    IdMismatch {
+        /// The configured id.
+        agent_id: String,
+        /// The certificate's id.
+        cert_id: String,
+        /// The certificate file.
+        path: PathBuf,
+    },
+    /// The private key is not the certificate's.
+    #[error("AGENT_PRIVATE_KEY does not match the certificate in TLS_CERT_FILE {path}")]
+    KeyMismatch {
+        /// The certificate file.
+        path: PathBuf,
+    },
+    /// A URL setting is unusable.
+    #[error("{variable} {url:?} {problem}")]
+    BadUrl {
+        /// Which setting.
+        variable: &'static str,
+        /// The value.
+        url: String,
+        /// What is wrong.
+        problem: &'static str,
+    },
     /// The REST port could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -72,6 +110,19 @@ impl Agent {
             return Err(StartError::Config(format!("AGENT_ID {:?} is not a UUID", cfg.agent_id)));
         }
         let key = Arc::new(PrivateKey::from_pem(&cfg.private_key_pem()?)?);
+        let read = |variable: &'static str, path: &std::path::Path| {
+            std::fs::read_to_string(path).map_err(|source| StartError::File {
+                what: variable,
+                path: path.to_owned(),
+                source,
+            })
+        };
+        preflight::check(
+            &cfg,
+            &key,
+            &read("TLS_CERT_FILE", &cfg.tls_cert_file)?,
+            &read("TLS_CA_FILE", &cfg.tls_ca_file)?,
+        )?;
         let metrics = Arc::new(Metrics::new());
         let directory = Arc::new(DirectoryCell::default());
         let link = Link::new(cfg.clone(), &key.to_pkcs8_pem()?, directory.clone(), metrics.clone())?;
@@ -84,7 +135,13 @@ impl Agent {
             metrics.clone(),
         )
         .map_err(|e| StartError::Config(format!("HTTP client: {e}")))?;
-        let api = api::ApiState::new(cfg.agent_id.to_ascii_lowercase(), key, link.clone(), metrics);
+        let api = api::ApiState::new(
+            cfg.agent_id.to_ascii_lowercase(),
+            key,
+            link.clone(),
+            metrics,
+            guard::Origins::new(&cfg.cors_allowed_origins),
+        );
         let addr = format!("{}:{}", cfg.bind_address, cfg.port);
         let listener = TcpListener::bind(&addr)
             .await

@@ -16,7 +16,6 @@ use dmr::proto::agent_gateway_client::AgentGatewayClient;
 use dmr::proto::session_request::Frame as OutFrame;
 use dmr::proto::session_response::Frame as InFrame;
 use dmr::proto::{SendRequest, SendResult, SessionRequest};
-use rand::Rng as _;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -151,14 +150,20 @@ impl Link {
         self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Keeps a stream open until `stop`, reconnecting with backoff and failing over between servers.
+    /// Keeps a stream open until `stop`, failing over between servers and backing off.
+    ///
+    /// When a stream ends or a connection fails, the next address is tried at once: with several
+    /// servers, a killed one costs only the time to connect to the next. Only after every address
+    /// failed in turn does the agent pause (capped exponential backoff with jitter) before the
+    /// next round, so a fleet does not hammer servers that are all down.
     pub async fn run(self: Arc<Self>, inbox: Arc<Inbox>, stop: CancellationToken) {
-        let mut failures: u32 = 0;
         let mut index = 0usize;
+        let mut failed_in_round = 0usize;
+        let mut pauses = self.pauses();
         while !stop.is_cancelled() {
             let endpoint = &self.endpoints[index % self.endpoints.len()];
-            let started = Instant::now();
-            match self.serve_stream(endpoint, &inbox, &stop).await {
+            let (held, outcome) = self.serve_stream(endpoint, &inbox, &stop).await;
+            match outcome {
                 Ok(()) => tracing::warn!(server = %endpoint.uri(), "stream to the DMR server ended"),
                 Err(reason) => {
                     self.metrics.socket_errors.inc();
@@ -168,39 +173,59 @@ impl Link {
             if stop.is_cancelled() {
                 break;
             }
-            // A stream that lived a while resets the backoff; a failing address makes us try the next.
-            if started.elapsed() > Duration::from_secs(10) {
-                failures = 0;
+            index += 1;
+            if held.is_some_and(|d| d >= STREAM_STABLE) {
+                // A server that served us a while went away: a new round, from the next address.
+                failed_in_round = 0;
+                pauses = self.pauses();
             } else {
-                failures = failures.saturating_add(1);
-                index += 1;
+                failed_in_round += 1;
             }
-            let delay = backoff(
-                self.cfg.reconnection_delay_ms,
-                self.cfg.reconnection_delay_max_ms,
-                failures,
+            if failed_in_round < self.endpoints.len() {
+                self.metrics.failovers.inc();
+                tracing::info!(server = %self.endpoints[index % self.endpoints.len()].uri(), "trying the next server at once");
+                continue;
+            }
+            failed_in_round = 0;
+            let delay = pauses
+                .next()
+                .unwrap_or(Duration::from_millis(self.cfg.reconnection_delay_max_ms));
+            self.metrics.reconnect_backoffs.inc();
+            tracing::info!(
+                delay_ms = delay.as_millis() as u64,
+                "every server failed; reconnecting after a pause"
             );
-            tracing::info!(delay_ms = delay.as_millis() as u64, "reconnecting");
             tokio::select! { () = stop.cancelled() => break, () = tokio::time::sleep(delay) => {} }
         }
     }
 
+    /// Pauses between rounds: [`backoff`]'s schedule, from a maintained crate.
+    fn pauses(&self) -> impl Iterator<Item = Duration> + use<> {
+        backoff(self.cfg.reconnection_delay_ms, self.cfg.reconnection_delay_max_ms)
+    }
+
+    /// One stream: how long it was connected (`None` if it never was), and how it ended.
     async fn serve_stream(
         &self,
         endpoint: &Endpoint,
         inbox: &Arc<Inbox>,
         stop: &CancellationToken,
-    ) -> Result<(), String> {
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|e| format!("connect: {e} ({:?})", std::error::Error::source(&e)))?;
+    ) -> (Option<Duration>, Result<(), String>) {
+        let channel = match endpoint.connect().await {
+            Ok(c) => c,
+            Err(e) => return (None, Err(format!("connect: {e} ({:?})", std::error::Error::source(&e)))),
+        };
         let mut client = AgentGatewayClient::new(channel).max_decoding_message_size(16 * 1024 * 1024);
         let (tx, rx) = mpsc::channel(OUTBOUND_BUFFER);
-        let response = client
-            .session(ReceiverStream::new(rx))
-            .await
-            .map_err(|s| format!("server refused the stream: {:?}: {}", s.code(), s.message()))?;
+        let response = match client.session(ReceiverStream::new(rx)).await {
+            Ok(r) => r,
+            Err(s) => {
+                return (
+                    None,
+                    Err(format!("server refused the stream: {:?}: {}", s.code(), s.message())),
+                );
+            }
+        };
         let mut inbound = response.into_inner();
         *self.outbound.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(tx.clone());
         self.connected.send_replace(true);
@@ -264,14 +289,13 @@ impl Link {
         *self.outbound.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
         self.connected.send_replace(false);
         self.metrics.connection_active.set(0);
-        self.metrics
-            .connection_duration
-            .observe(connected_at.elapsed().as_secs_f64());
+        let held = connected_at.elapsed();
+        self.metrics.connection_duration.observe(held.as_secs_f64());
         // Waiting senders learn the stream is gone (their outcome is unknown to us).
         self.lock_pending().clear();
         drop(deliveries);
         let _ = worker.await;
-        result
+        (Some(held), result)
     }
 
     fn replace_directory(&self, next: Directory) {
@@ -297,13 +321,24 @@ impl DirectoryCell {
     }
 }
 
-/// Capped exponential backoff with jitter: `initial · 2^(failures-1)` capped at `max`, then a
-/// random value in its upper half so that many agents do not reconnect in lock-step.
-pub fn backoff(initial_ms: u64, max_ms: u64, failures: u32) -> Duration {
-    let exp = initial_ms.saturating_mul(1u64 << failures.saturating_sub(1).min(20));
-    let capped = exp.min(max_ms).max(1);
-    let jittered = rand::rng().random_range(capped / 2..=capped);
-    Duration::from_millis(jittered)
+/// A stream held this long counts as a working server: its end starts a fresh round and resets
+/// the backoff.
+const STREAM_STABLE: Duration = Duration::from_secs(10);
+
+/// Capped exponential backoff with jitter (backon): the `n`-th pause is a random value in the
+/// upper half of `initial · 2^(n-1)` capped at `max`, so that many agents do not reconnect in
+/// lock-step and no pause exceeds `max`.
+pub fn backoff(initial_ms: u64, max_ms: u64) -> impl Iterator<Item = Duration> + use<> {
+    use backon::BackoffBuilder as _;
+    // backon's jitter adds up to 100 % to each delay, so halve both ends to land in [d/2, d].
+    let half = |ms: u64| Duration::from_millis((ms / 2).max(1));
+    backon::ExponentialBuilder::new()
+        .with_min_delay(half(initial_ms))
+        .with_max_delay(half(max_ms.max(initial_ms)))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .build()
 }
 
 #[cfg(test)]
@@ -313,12 +348,10 @@ mod tests {
     #[test]
     fn backoff_grows_and_is_capped() {
         for _ in 0..100 {
-            let first = backoff(1000, 5000, 1).as_millis();
-            assert!((500..=1000).contains(&first), "{first}");
-            let third = backoff(1000, 5000, 3).as_millis();
-            assert!((2000..=4000).contains(&third), "{third}");
-            let late = backoff(1000, 5000, 30).as_millis();
-            assert!((2500..=5000).contains(&late), "{late}");
+            let pauses: Vec<u128> = backoff(1000, 5000).take(30).map(|d| d.as_millis()).collect();
+            assert!((500..=1000).contains(&pauses[0]), "{pauses:?}");
+            assert!((2000..=4000).contains(&pauses[2]), "{pauses:?}");
+            assert!((2500..=5000).contains(&pauses[29]), "{pauses:?}");
         }
     }
 }

@@ -1,7 +1,31 @@
 //! Prometheus metrics of the agent, with the original's names (compat §9). "Socket" metrics
 //! describe the gRPC stream so the original alert rules keep working.
+//!
+//! `/metrics` also renders Prometheus' default registry: it holds what is per process rather than
+//! per agent — `process_*` (the crate's process collector) and `dmr_log_write_failures_total`
+//! (registered by the binary's log set-up).
 
-use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
+
+/// The commit this binary was built from: `DMR_GIT_COMMIT` at build time (the Dockerfile or CI
+/// sets it), else "unknown" — the build never needs git.
+pub const GIT_COMMIT: &str = match option_env!("DMR_GIT_COMMIT") {
+    Some(c) => c,
+    None => "unknown",
+};
+
+/// `dmr_build_info{version,commit} 1`, the usual way to tell which build a target runs.
+pub fn build_info() -> IntGaugeVec {
+    let gauge = IntGaugeVec::new(
+        Opts::new("dmr_build_info", "Build of this process (always 1)"),
+        &["version", "commit"],
+    )
+    .unwrap_or_else(|_| unreachable!("a static metric definition is valid"));
+    gauge.with_label_values(&[env!("CARGO_PKG_VERSION"), GIT_COMMIT]).set(1);
+    gauge
+}
 
 /// All agent metrics.
 pub struct Metrics {
@@ -29,6 +53,10 @@ pub struct Metrics {
     pub message_processing: Histogram,
     /// Redeliveries of already delivered messages that were not POSTed again.
     pub duplicates_suppressed: IntCounter,
+    /// Connections to the next server address made at once, after a stream ended or failed.
+    pub failovers: IntCounter,
+    /// Pauses before reconnecting, taken after every address failed in turn.
+    pub reconnect_backoffs: IntCounter,
 }
 
 fn latency_buckets() -> Vec<f64> {
@@ -41,6 +69,7 @@ impl Metrics {
     /// Creates and registers every metric.
     pub fn new() -> Self {
         let registry = Registry::new();
+        let _ = registry.register(Box::new(build_info()));
         macro_rules! reg {
             ($m:expr) => {{
                 let m = $m.unwrap_or_else(|_| unreachable!("static metric definitions are valid"));
@@ -100,14 +129,24 @@ impl Metrics {
                 "dmr_duplicates_suppressed_total",
                 "Redeliveries of already delivered messages that were not POSTed again"
             )),
+            failovers: reg!(IntCounter::new(
+                "dmr_agent_failovers_total",
+                "Connection attempts to the next server address made without a pause"
+            )),
+            reconnect_backoffs: reg!(IntCounter::new(
+                "dmr_agent_reconnect_backoffs_total",
+                "Pauses before reconnecting, after every server address failed in turn"
+            )),
             registry,
         }
     }
 
     /// The text exposition.
     pub fn render(&self) -> String {
+        let mut families = self.registry.gather();
+        families.extend(prometheus::gather());
         prometheus::TextEncoder::new()
-            .encode_to_string(&self.registry.gather())
+            .encode_to_string(&families)
             .unwrap_or_default()
     }
 }
@@ -115,5 +154,29 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Metrics;
+
+    #[test]
+    fn build_info_and_process_metrics_are_exposed() {
+        let text = Metrics::new().render();
+        let expected = format!(
+            "dmr_build_info{{commit=\"{}\",version=\"{}\"}} 1",
+            super::GIT_COMMIT,
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(text.contains(&expected), "{text}");
+        #[cfg(target_os = "linux")]
+        for name in [
+            "process_cpu_seconds_total",
+            "process_resident_memory_bytes",
+            "process_open_fds",
+        ] {
+            assert!(text.contains(name), "{name} missing");
+        }
     }
 }

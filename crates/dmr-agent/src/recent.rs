@@ -1,46 +1,63 @@
-//! A bounded set of recently seen ids: the oldest is forgotten first, so memory stays fixed.
+//! A bounded map of recently seen ids: the oldest is forgotten first, so memory stays fixed.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 
-/// Remembers up to `capacity` ids.
-pub struct RecentIds {
+/// Remembers up to `capacity` ids, each with a value (e.g. a fingerprint of what it carried).
+pub struct Recent<V> {
     capacity: usize,
     order: VecDeque<String>,
-    set: HashSet<String>,
+    map: HashMap<String, V>,
 }
 
-impl RecentIds {
+/// Remembers up to `capacity` ids.
+pub type RecentIds = Recent<()>;
+
+impl<V> Recent<V> {
     /// An empty set remembering at most `capacity` ids.
     pub fn new(capacity: usize) -> Self {
         Self {
             capacity,
             order: VecDeque::new(),
-            set: HashSet::new(),
+            map: HashMap::new(),
         }
     }
 
     /// True if `id` is remembered.
     pub fn contains(&self, id: &str) -> bool {
-        self.set.contains(id)
+        self.map.contains_key(id)
     }
 
-    /// Remembers `id`, forgetting the oldest if full.
-    pub fn insert(&mut self, id: String) {
-        if self.capacity == 0 || !self.set.insert(id.clone()) {
+    /// The value remembered with `id`.
+    pub fn get(&self, id: &str) -> Option<&V> {
+        self.map.get(id)
+    }
+
+    /// Remembers `id` with `value` (an id already remembered keeps its first value and place),
+    /// forgetting the oldest if full.
+    pub fn insert_with(&mut self, id: String, value: V) {
+        if self.capacity == 0 || self.map.contains_key(&id) {
             return;
         }
+        self.map.insert(id.clone(), value);
         self.order.push_back(id);
         if self.order.len() > self.capacity
             && let Some(old) = self.order.pop_front()
         {
-            self.set.remove(&old);
+            self.map.remove(&old);
         }
+    }
+}
+
+impl Recent<()> {
+    /// Remembers `id`, forgetting the oldest if full.
+    pub fn insert(&mut self, id: String) {
+        self.insert_with(id, ());
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::RecentIds;
+    use super::{Recent, RecentIds};
 
     #[test]
     fn forgets_the_oldest_beyond_capacity() {
@@ -54,5 +71,14 @@ mod tests {
         let mut off = RecentIds::new(0);
         off.insert("x".into());
         assert!(!off.contains("x"));
+    }
+
+    #[test]
+    fn keeps_the_first_value_of_an_id() {
+        let mut r = Recent::new(4);
+        r.insert_with("a".into(), 1);
+        r.insert_with("a".into(), 2);
+        assert_eq!(r.get("a"), Some(&1));
+        assert_eq!(r.get("b"), None);
     }
 }

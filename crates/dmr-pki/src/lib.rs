@@ -25,6 +25,14 @@ pub enum PkiError {
     /// An RSA key could not be made or read.
     #[error("RSA key: {0}")]
     Key(#[from] dmr::keys::KeyError),
+    /// The existing `centops.json` is not a CentOps answer, so it cannot be added to.
+    #[error("{path}: cannot add agents to it: {source}")]
+    Centops {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: serde_json::Error,
+    },
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {
@@ -247,13 +255,19 @@ impl Layout {
 pub const DEV_CA_NAME: &str = "DMR development CA";
 
 /// Creates (or completes) a PKI state directory: reuses the CA, server certificate and agent keys
-/// already there, creates what is missing, and rewrites `centops.json` for `agents` (id, name).
+/// already there, creates what is missing, and adds `agents` (id, name) to `centops.json`.
+///
+/// Agents already listed there stay listed (a folder is typically extended one agent at a time,
+/// and dropping an entry would revoke a running agent at the server's next poll); a listed agent
+/// named again gets its entry refreshed. A new CA starts a fresh list: nothing it did not sign
+/// can connect.
 pub fn ensure(
     layout: &Layout,
     server_names: &[&str],
     agents: &[(String, String)],
 ) -> Result<Vec<AgentCredentials>, PkiError> {
-    let ca = if layout.ca_cert().exists() && layout.ca_key().exists() {
+    let reused_ca = layout.ca_cert().exists() && layout.ca_key().exists();
+    let ca = if reused_ca {
         DevCa::load(DEV_CA_NAME, read(&layout.ca_cert())?, &read(&layout.ca_key())?)?
     } else {
         let ca = DevCa::generate(DEV_CA_NAME)?;
@@ -295,12 +309,36 @@ pub fn ensure(
         };
         creds.push(c);
     }
-    write(
-        &layout.centops(),
-        &centops_json(&creds.iter().collect::<Vec<_>>()),
-        false,
-    )?;
+    let mut listed = if reused_ca {
+        existing_centops(layout)?
+    } else {
+        Vec::new()
+    };
+    for c in &creds {
+        let mut entry = c.centops_entry();
+        if let Some(old) = listed.iter_mut().find(|e| e.id.eq_ignore_ascii_case(&c.id)) {
+            // Same agent: keep its creation time, take the current name and key.
+            entry.created_at = std::mem::take(&mut old.created_at);
+            *old = entry;
+        } else {
+            listed.push(entry);
+        }
+    }
+    let json = serde_json::to_string_pretty(&CentOpsResponse { response: listed }).unwrap_or_default();
+    write(&layout.centops(), &json, false)?;
     Ok(creds)
+}
+
+/// The entries of an existing `centops.json` (none if there is no such file).
+fn existing_centops(layout: &Layout) -> Result<Vec<CentOpsAgent>, PkiError> {
+    let path = layout.centops();
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let text = read(&path)?;
+    serde_json::from_str::<CentOpsResponse>(&text)
+        .map(|r| r.response)
+        .map_err(|source| PkiError::Centops { path, source })
 }
 
 fn read(path: &Path) -> Result<String, PkiError> {
@@ -363,5 +401,55 @@ mod tests {
         let cert_key = dmr::keys::PublicKey::from_pem(&first[0].cert_pem).unwrap();
         assert_eq!(d.get(&agents[0].0).unwrap().key, cert_key);
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn adding_an_agent_keeps_the_ones_already_listed() {
+        let dir = tempfile_dir();
+        let layout = Layout::new(&dir);
+        let names = ["localhost"];
+        let (a, b, c) = (
+            "d3b07384-d9a0-4c3f-a4e2-123456789abc",
+            "a1e45678-12bc-4ef0-9876-def123456789",
+            "0b5e4f0e-8f3c-4c1e-9a55-3e5a2c1d0f77",
+        );
+        let first = ensure(&layout, &names, &[(a.into(), "A".into()), (b.into(), "B".into())]).unwrap();
+        let ca = std::fs::read_to_string(layout.ca_cert()).unwrap();
+        // `dmr pki --agent C` on the same folder: A and B must stay in the directory.
+        let added = ensure(&layout, &names, &[(c.into(), "C".into())]).unwrap();
+        let d = dmr::directory::Directory::from_centops_json(&std::fs::read(layout.centops()).unwrap()).unwrap();
+        assert_eq!(d.len(), 3, "A, B and C are listed");
+        for (id, key_pem) in [(a, &first[0].key_pem), (b, &first[1].key_pem), (c, &added[0].key_pem)] {
+            let key = PrivateKey::from_pem(key_pem).unwrap();
+            assert_eq!(&d.get(id).unwrap().key, key.public_key(), "{id} keeps its key");
+        }
+        assert_eq!(
+            std::fs::read_to_string(layout.ca_cert()).unwrap(),
+            ca,
+            "the CA is reused"
+        );
+        // Naming a listed agent again refreshes its entry instead of listing it twice.
+        ensure(&layout, &names, &[(a.into(), "A renamed".into())]).unwrap();
+        let d = dmr::directory::Directory::from_centops_json(&std::fs::read(layout.centops()).unwrap()).unwrap();
+        assert_eq!(d.len(), 3);
+        assert_eq!(d.get(a).unwrap().info.name, "A renamed");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_broken_centops_file_is_refused_not_overwritten() {
+        let dir = tempfile_dir();
+        let layout = Layout::new(&dir);
+        let a = "d3b07384-d9a0-4c3f-a4e2-123456789abc";
+        ensure(&layout, &["localhost"], &[(a.into(), "A".into())]).unwrap();
+        std::fs::write(layout.centops(), "not json").unwrap();
+        let e = ensure(&layout, &["localhost"], &[(a.into(), "A".into())]).unwrap_err();
+        assert!(matches!(e, PkiError::Centops { .. }), "{e}");
+        assert_eq!(std::fs::read_to_string(layout.centops()).unwrap(), "not json");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        std::env::temp_dir().join(format!("dmr-pki-{}", uuid::Uuid::new_v4()))
     }
 }

@@ -186,8 +186,12 @@ impl Metrics {
     pub fn render(&self) -> String {
         self.directory_age
             .set(chrono::Utc::now().timestamp() - self.directory_last_success.get());
+        let mut families = self.registry.gather();
+        // Process-wide dmr_* metrics (dmr_log_write_failures_total, from the binary's log set-up)
+        // live in the default registry; its process_* duplicates ours, so only dmr_* is taken.
+        families.extend(prometheus::gather().into_iter().filter(|f| f.name().starts_with("dmr_")));
         prometheus::TextEncoder::new()
-            .encode_to_string(&self.registry.gather())
+            .encode_to_string(&families)
             .unwrap_or_default()
     }
 }

@@ -1,0 +1,186 @@
+//! Start-up checks of the agent's identity and addresses, so that a typo stops the start with a
+//! message naming the setting, instead of an agent that loops on "transport error" or, worse,
+//! connects as someone else.
+//!
+//! Why each matters: an `AGENT_ID` that is not the certificate's makes two agents share one
+//! identity on the server (they kick each other off); a key that does not match the certificate
+//! fails every TLS handshake; a garbage CA or an `http://` URL fails every connection; a bad
+//! `OUTGOING_MESSAGE_ENDPOINT` fails every delivery until messages are dead-lettered.
+
+use crate::StartError;
+use crate::config::AgentConfig;
+use dmr::keys::{PrivateKey, PublicKey};
+use std::path::Path;
+use x509_parser::certificate::X509Certificate;
+use x509_parser::extensions::GeneralName;
+
+/// Runs every check against the configuration and the loaded private key.
+pub fn check(cfg: &AgentConfig, key: &PrivateKey, cert_pem: &str, ca_pem: &str) -> Result<(), StartError> {
+    check_certificate(cfg, key, cert_pem)?;
+    check_ca(&cfg.tls_ca_file, ca_pem)?;
+    if cfg.dmr_server_grpc_url.iter().all(|u| u.trim().is_empty()) {
+        return Err(StartError::BadUrl {
+            variable: "DMR_SERVER_GRPC_URL",
+            url: String::new(),
+            problem: "must name at least one server, e.g. https://dmr.example.org:8076",
+        });
+    }
+    for url in &cfg.dmr_server_grpc_url {
+        check_server_url(url.trim())?;
+    }
+    check_endpoint(&cfg.outgoing_message_endpoint)
+}
+
+fn check_certificate(cfg: &AgentConfig, key: &PrivateKey, cert_pem: &str) -> Result<(), StartError> {
+    let path = &cfg.tls_cert_file;
+    let ders = certificates(path, "TLS_CERT_FILE", cert_pem)?;
+    // The first certificate is the agent's own; any others are its chain.
+    let der = &ders[0];
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| bad_cert("TLS_CERT_FILE", path, e))?;
+    let cert_id = agent_id_of(&cert).ok_or_else(|| StartError::BadCertificate {
+        variable: "TLS_CERT_FILE",
+        path: path.clone(),
+        problem: "it carries no agent id (SAN URI urn:uuid:<id> or a UUID common name)".into(),
+    })?;
+    if !cert_id.eq_ignore_ascii_case(cfg.agent_id.trim()) {
+        return Err(StartError::IdMismatch {
+            agent_id: cfg.agent_id.clone(),
+            cert_id,
+            path: path.clone(),
+        });
+    }
+    let cert_key = PublicKey::from_certificate_der(der).map_err(|e| bad_cert("TLS_CERT_FILE", path, e))?;
+    if &cert_key != key.public_key() {
+        return Err(StartError::KeyMismatch { path: path.clone() });
+    }
+    Ok(())
+}
+
+fn check_ca(path: &Path, ca_pem: &str) -> Result<(), StartError> {
+    for der in certificates(path, "TLS_CA_FILE", ca_pem)? {
+        x509_parser::parse_x509_certificate(&der).map_err(|e| bad_cert("TLS_CA_FILE", path, e))?;
+    }
+    Ok(())
+}
+
+/// The DER certificates in a PEM file; at least one, or the file is refused.
+fn certificates(path: &Path, variable: &'static str, pem: &str) -> Result<Vec<Vec<u8>>, StartError> {
+    let mut ders = Vec::new();
+    for item in x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes()) {
+        let item = item.map_err(|e| bad_cert(variable, path, e))?;
+        if item.label == "CERTIFICATE" {
+            ders.push(item.contents);
+        }
+    }
+    if ders.is_empty() {
+        return Err(StartError::BadCertificate {
+            variable,
+            path: path.to_owned(),
+            problem: "no PEM certificate (-----BEGIN CERTIFICATE-----) in it".into(),
+        });
+    }
+    Ok(ders)
+}
+
+fn bad_cert(variable: &'static str, path: &Path, e: impl std::fmt::Display) -> StartError {
+    StartError::BadCertificate {
+        variable,
+        path: path.to_owned(),
+        problem: format!("not a readable X.509 certificate: {e}"),
+    }
+}
+
+/// The agent id a certificate names, as the server reads it: SAN URI `urn:uuid:<id>` first,
+/// else a UUID common name.
+fn agent_id_of(cert: &X509Certificate<'_>) -> Option<String> {
+    let from_san = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .into_iter()
+        .flat_map(|san| san.value.general_names.iter())
+        .find_map(|name| match name {
+            GeneralName::URI(uri) => uri
+                .strip_prefix("urn:uuid:")
+                .filter(|id| dmr::message::is_uuid(id))
+                .map(str::to_owned),
+            _ => None,
+        });
+    from_san.or_else(|| {
+        cert.subject()
+            .iter_common_name()
+            .filter_map(|cn| cn.as_str().ok())
+            .find(|cn| dmr::message::is_uuid(cn))
+            .map(str::to_owned)
+    })
+}
+
+fn check_server_url(url: &str) -> Result<(), StartError> {
+    let bad = |problem| StartError::BadUrl {
+        variable: "DMR_SERVER_GRPC_URL",
+        url: url.to_owned(),
+        problem,
+    };
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err(bad("has no scheme: write it as https://host:port"));
+    };
+    if scheme.eq_ignore_ascii_case("http") {
+        return Err(bad("uses http://, but the stream needs mutual TLS: write https://"));
+    }
+    if !scheme.eq_ignore_ascii_case("https") {
+        return Err(bad("must be an https:// URL"));
+    }
+    let uri: axum::http::Uri = url.parse().map_err(|_| bad("is not a valid URL"))?;
+    if uri.host().is_none_or(str::is_empty) || rest.starts_with('/') {
+        return Err(bad("names no host"));
+    }
+    Ok(())
+}
+
+fn check_endpoint(url: &str) -> Result<(), StartError> {
+    let bad = |problem| StartError::BadUrl {
+        variable: "OUTGOING_MESSAGE_ENDPOINT",
+        url: url.to_owned(),
+        problem,
+    };
+    let parsed =
+        reqwest::Url::parse(url.trim()).map_err(|_| bad("is not a URL (e.g. http://bot.internal:3000/messages)"))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(bad("must be an http:// or https:// URL"));
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err(bad("names no host"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn server_urls_need_https_and_a_host() {
+        assert!(check_server_url("https://dmr.example.org:8076").is_ok());
+        assert!(check_server_url("HTTPS://localhost:8076").is_ok());
+        for bad in [
+            "dmr.example.org:8076",
+            "http://dmr.example.org:8076",
+            "ftp://x",
+            "https://",
+            "https:///x",
+        ] {
+            let e = check_server_url(bad).unwrap_err();
+            assert!(e.to_string().starts_with("DMR_SERVER_GRPC_URL"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_endpoint_must_be_an_http_url() {
+        assert!(check_endpoint("http://bot.internal:3000/messages").is_ok());
+        for bad in ["", "bot.internal:3000", "ftp://bot/x", "/messages", "http://"] {
+            let e = check_endpoint(bad).unwrap_err();
+            assert!(e.to_string().starts_with("OUTGOING_MESSAGE_ENDPOINT"), "{bad}: {e}");
+        }
+    }
+}
