@@ -167,6 +167,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use std::collections::HashMap;
+    use std::io::Write as _;
 
     fn settings(vars: &[(&str, &str)], terminal: bool) -> Result<Settings, LogConfigError> {
         let vars: HashMap<String, String> = vars.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect();
