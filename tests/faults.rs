@@ -31,6 +31,7 @@ async fn a_redelivered_message_is_handed_to_the_endpoint_only_once() {
     assert_eq!(relay.post_to_b(&m).await.0, 200);
     assert_eq!(relay.sink_a.wait_for(1, WAIT).await.len(), 1);
     relay.sink_a.set_delay(Duration::ZERO);
+    // A negative check (no second POST): give the redeliveries (every 500 ms) time to show up.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
         relay.sink_a.hits.load(std::sync::atomic::Ordering::SeqCst),
@@ -226,7 +227,8 @@ async fn nothing_accepted_is_lost_when_a_server_dies_rabbitmq_restarts_streams_d
         }));
     }
 
-    // Faults, while the senders run.
+    // Faults, while the senders run: the sleeps below are the fault schedule (when to inject
+    // what), not waits before an assertion.
     tokio::time::sleep_until((started + Duration::from_secs(2)).into()).await;
     s1.kill().await; // SIGKILL mid-traffic: its streams drop, unacked deliveries return to the queue
     tokio::time::sleep_until((started + Duration::from_secs(3)).into()).await;

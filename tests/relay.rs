@@ -165,6 +165,8 @@ async fn invalid_bodies_get_field_errors_and_nothing_is_queued() {
         Some(0),
         "REST validation happens before anything reaches the server"
     );
+    // A negative check: nothing may arrive, so there is no condition to poll; give a stray
+    // delivery the time it would need to show up.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(relay.sink_a.messages().is_empty());
     relay.finish().await;
@@ -336,13 +338,10 @@ async fn failing_endpoint_causes_bounded_retries_then_dlq_and_recovery_lets_late
 async fn message_for_an_offline_recipient_waits_in_its_queue_and_arrives_when_it_connects() {
     let mut relay = Relay::start().await;
     relay.agent_a.shutdown().await;
-    // Wait until the server saw A leave.
-    for _ in 0..100 {
-        if !relay.server.core.sessions.connected().contains(&relay.a.id) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert!(
+        eventually(WAIT, || !relay.server.core.sessions.connected().contains(&relay.a.id)).await,
+        "the server saw A leave"
+    );
     let message = seed_message(&relay.a.id);
     assert_eq!(relay.post_to_b(&message).await.0, 200);
     assert_eq!(
@@ -376,6 +375,8 @@ async fn a_new_session_waits_until_another_instance_lets_go_of_the_queue() {
     let (old_channel, mut old_consumer) = relay.probe.hold_consumer(&relay.a.id).await;
     relay.agent_a = start_agent(agent_config(&relay.pki, &relay.a, relay.server.grpc, &relay.sink_a.url)).await;
     relay.agent_a.wait_connected().await;
+    // A negative check (the new session must NOT start consuming while the old consumer holds
+    // the queue): nothing to poll for, so give it the time it would take to attach.
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(
         relay.probe.consumer_count(&relay.a.id).await,
@@ -491,6 +492,7 @@ async fn the_same_message_id_is_accepted_once() {
         "a retried POST is answered as accepted"
     );
     relay.sink_a.wait_for(1, WAIT).await;
+    // A negative check (no second copy): give a duplicate the time it would need to arrive.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(relay.sink_a.messages().len(), 1, "but queued only once");
     relay.finish().await;
@@ -562,6 +564,8 @@ async fn an_agent_without_a_server_answers_503_and_one_whose_server_never_confir
         .parse()
         .unwrap();
     let mut lonely = start_agent(agent_config(&pki, &b, nowhere, &sink.url)).await;
+    // Not a wait for a condition: 503 holds from the start; this lets the agent try (and fail) to
+    // connect first, so the answer is checked after a failed attempt too.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (status, answer) = post(&http, &lonely.url("/v1/messages"), &seed_message(&a.id)).await;
     assert_eq!(status, 503, "{answer}");
