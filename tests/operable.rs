@@ -398,11 +398,11 @@ async fn a_full_run_logs_ids_as_fields_but_never_payloads_keys_or_tokens() {
     );
     let id = m["id"].as_str().unwrap();
     assert!(
-        lines.iter().any(|l| l["fields"]["message_id"] == json!(id)),
+        lines.iter().any(|l| l["message_id"] == json!(id)),
         "message ids are logged as fields"
     );
     assert!(
-        lines.iter().any(|l| l["fields"]["agent_id"] == json!(a.id)),
+        lines.iter().any(|l| l["agent_id"] == json!(a.id)),
         "agent ids are logged as fields"
     );
 
