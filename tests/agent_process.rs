@@ -13,6 +13,9 @@ use support::*;
 
 const WAIT: Duration = Duration::from_secs(20);
 
+/// Environment variables of a child process.
+type Env = Vec<(String, String)>;
+
 /// A working agent environment for `creds` (REST on `port`), on top of which each case spoils one
 /// setting.
 fn agent_env(
@@ -73,7 +76,7 @@ async fn each_misconfiguration_stops_the_agent_at_start_naming_the_setting() {
         .write("garbage-ca.pem", "this is not a certificate\n")
         .display()
         .to_string();
-    let cases: Vec<(&str, Vec<(String, String)>, Vec<&str>)> = vec![
+    let cases: Vec<(&str, Env, Vec<&str>)> = vec![
         (
             "AGENT_ID of another agent",
             with(&good, "AGENT_ID", &b.id),
