@@ -44,12 +44,17 @@ pub struct ServerConfig {
     /// How long to wait for an agent's delivery ack, in ms.
     #[arg(long, env = "MESSAGE_DELIVERY_TIMEOUT_MS", default_value_t = 2000)]
     pub message_delivery_timeout_ms: u64,
-    /// Delivery attempts per message before it is dead-lettered to `<agent-id>.dlq`.
-    #[arg(long, env = "MESSAGE_DELIVERY_MAX_ATTEMPTS", default_value_t = 3)]
+    /// Most delivery attempts per message before it is dead-lettered to `<agent-id>.dlq`
+    /// (0 = no limit: MESSAGE_DELIVERY_RETRY_BUDGET_MS alone decides).
+    #[arg(long, env = "MESSAGE_DELIVERY_MAX_ATTEMPTS", default_value_t = 0)]
     pub message_delivery_max_attempts: u32,
-    /// Pause between delivery attempts, in ms (doubled after each failure).
+    /// First pause between delivery attempts, in ms (then doubled, with jitter, up to 30 s).
     #[arg(long, env = "MESSAGE_DELIVERY_RETRY_DELAY_MS", default_value_t = 200)]
     pub message_delivery_retry_delay_ms: u64,
+    /// How long, in pauses between attempts, a failing message is retried before it is
+    /// dead-lettered, in ms (a short outage of the agent's endpoint must not dead-letter).
+    #[arg(long, env = "MESSAGE_DELIVERY_RETRY_BUDGET_MS", default_value_t = 120_000)]
+    pub message_delivery_retry_budget_ms: u64,
     /// Largest accepted envelope `payload` (the JWE), in bytes.
     #[arg(long, env = "MESSAGE_MAX_PAYLOAD_BYTES", default_value_t = 1_048_576)]
     pub message_max_payload_bytes: usize,
@@ -71,17 +76,26 @@ pub struct LegacyConfig {
         default_value = "/v1/dmr-agent-events"
     )]
     pub namespace: String,
-    /// A legacy agent that was connected within this window (ms) may come back with its expired
-    /// start-up token (the original agent never refreshes it).
+    /// Read for compatibility with the original's configuration; no effect here (the last-token
+    /// rule, WEB_SOCKET_LAST_TOKEN_TTL_MS, decides which expired tokens come back).
     #[arg(
         long = "web-socket-max-disconnection-duration",
         env = "WEB_SOCKET_MAX_DISCONNECTION_DURATION",
         default_value_t = 120_000
     )]
     pub max_disconnection_duration_ms: u64,
-    /// Opt-in: accept any validly signed token expired at most this long ago (ms), even from an
-    /// agent not seen recently (e.g. after a rolling deploy of the servers). 0 = off. A captured
-    /// token can be replayed for this long: keep it as short as the deploy needs.
+    /// How long (ms) the digest of each legacy agent's last authenticated token is remembered in
+    /// RabbitMQ: within it, that exact token (and no other expired one) lets the agent back in after
+    /// a restart of any server instance, since the original agent never refreshes its token.
+    #[arg(
+        long = "web-socket-last-token-ttl",
+        env = "WEB_SOCKET_LAST_TOKEN_TTL_MS",
+        default_value_t = 604_800_000
+    )]
+    pub last_token_ttl_ms: u64,
+    /// Opt-in, for the first switch from the original server (no token seen yet): accept a validly
+    /// signed token that has an `exp` and expired at most this long ago (ms), from any agent. A
+    /// captured token can be replayed for this long: keep it off (0) or as short as the switch needs.
     #[arg(
         long = "web-socket-expired-token-grace",
         env = "WEB_SOCKET_EXPIRED_TOKEN_GRACE_MS",
@@ -95,6 +109,7 @@ impl Default for LegacyConfig {
         Self {
             namespace: "/v1/dmr-agent-events".into(),
             max_disconnection_duration_ms: 120_000,
+            last_token_ttl_ms: 604_800_000,
             expired_token_grace_ms: 0,
         }
     }
@@ -219,11 +234,8 @@ impl Default for RabbitConfig {
 impl RabbitConfig {
     /// The AMQP URI (contains the password: never log it).
     pub fn uri(&self) -> String {
-        let vhost = if self.vhost == "/" {
-            "%2f".to_owned()
-        } else {
-            self.vhost.clone()
-        };
+        // The vhost is one path segment of the URI: "/" (the default vhost) becomes "%2F".
+        let vhost = enc(&self.vhost);
         format!(
             "amqp://{}:{}@{}:{}/{}",
             enc(&self.user),
@@ -232,6 +244,16 @@ impl RabbitConfig {
             self.port,
             vhost
         )
+    }
+
+    /// The pause between reconnection attempts.
+    pub fn reconnect_interval(&self) -> Duration {
+        Duration::from_millis(self.reconnect_interval_ms)
+    }
+
+    /// How often an idle consumer checks its queue.
+    pub fn consumer_check_interval(&self) -> Duration {
+        Duration::from_millis(self.consumer_check_interval_ms)
     }
 
     /// Where the broker is, without credentials.
@@ -265,8 +287,9 @@ impl ServerConfig {
             centops_file_poll_interval_ms: 2000,
             rabbitmq: RabbitConfig::default(),
             message_delivery_timeout_ms: 2000,
-            message_delivery_max_attempts: 3,
+            message_delivery_max_attempts: 0,
             message_delivery_retry_delay_ms: 200,
+            message_delivery_retry_budget_ms: 120_000,
             message_max_payload_bytes: 1_048_576,
             shutdown_timeout_ms: 10_000,
             legacy: LegacyConfig::default(),
@@ -276,5 +299,20 @@ impl ServerConfig {
     /// The delivery ack timeout.
     pub fn delivery_timeout(&self) -> Duration {
         Duration::from_millis(self.message_delivery_timeout_ms)
+    }
+
+    /// The first pause between delivery attempts.
+    pub fn message_delivery_retry_delay(&self) -> Duration {
+        Duration::from_millis(self.message_delivery_retry_delay_ms)
+    }
+
+    /// The total of pauses between delivery attempts before a message is dead-lettered.
+    pub fn message_delivery_retry_budget(&self) -> Duration {
+        Duration::from_millis(self.message_delivery_retry_budget_ms)
+    }
+
+    /// The shutdown grace period.
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_millis(self.shutdown_timeout_ms)
     }
 }

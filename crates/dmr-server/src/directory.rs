@@ -11,6 +11,7 @@
 //!   agent and ends itself if its agent was deleted or re-keyed.
 
 use crate::Core;
+use crate::session::Revocation;
 use dmr::directory::{AgentEntry, Directory, DirectoryError};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -110,27 +111,58 @@ pub async fn load(source: &str, timeout: Duration) -> Result<Directory, LoadErro
     })
 }
 
+/// `CENTOPS_CONFIGURATION_CRON_TIME` is not a cron expression.
+#[derive(Debug, thiserror::Error)]
+#[error("CENTOPS_CONFIGURATION_CRON_TIME {expr:?} is not a cron expression of 5 or 6 fields: {source}")]
+pub struct ScheduleError {
+    expr: String,
+    source: croner::errors::CronError,
+}
+
 /// Parses a 5-field (original) or 6-field (with seconds) cron expression.
-pub fn parse_schedule(expr: &str) -> Result<croner::Cron, String> {
+pub fn parse_schedule(expr: &str) -> Result<croner::Cron, ScheduleError> {
     croner::parser::CronParser::builder()
         .seconds(croner::parser::Seconds::Optional)
         .build()
         .parse(expr)
-        .map_err(|e| format!("CENTOPS_CONFIGURATION_CRON_TIME {expr:?}: {e}"))
+        .map_err(|source| ScheduleError {
+            expr: expr.to_owned(),
+            source,
+        })
 }
 
-/// The directory in force, observable for changes.
+/// The directory in force, observable for changes. Until the first good load it is empty and
+/// [`DirectoryHandle::is_loaded`] is false: sessions are refused and `/ready` answers 503.
 #[derive(Clone)]
 pub struct DirectoryHandle {
     tx: Arc<watch::Sender<Arc<Directory>>>,
+    loaded: Arc<watch::Sender<bool>>,
 }
 
 impl DirectoryHandle {
-    /// Wraps an initial directory.
+    /// Wraps an initial directory (loaded).
     pub fn new(initial: Directory) -> Self {
+        let handle = Self::not_loaded();
+        handle.replace(initial);
+        handle
+    }
+
+    /// An empty directory, not loaded yet.
+    pub fn not_loaded() -> Self {
         Self {
-            tx: Arc::new(watch::channel(Arc::new(initial)).0),
+            tx: Arc::new(watch::channel(Arc::new(Directory::default())).0),
+            loaded: Arc::new(watch::channel(false).0),
         }
+    }
+
+    /// True once a directory was loaded.
+    pub fn is_loaded(&self) -> bool {
+        *self.loaded.borrow()
+    }
+
+    /// Watches [`DirectoryHandle::is_loaded`].
+    pub fn watch_loaded(&self) -> watch::Receiver<bool> {
+        self.loaded.subscribe()
     }
 
     /// The directory in force now.
@@ -138,9 +170,10 @@ impl DirectoryHandle {
         self.tx.borrow().clone()
     }
 
-    /// Replaces the directory.
+    /// Replaces the directory (and marks it loaded).
     pub fn replace(&self, next: Directory) {
         self.tx.send_replace(Arc::new(next));
+        self.loaded.send_replace(true);
     }
 
     /// Subscribes to replacements.
@@ -156,7 +189,7 @@ pub enum SessionUpdate {
     /// Push these entries (deleted ones flagged) to the agent.
     Push(Vec<(AgentEntry, bool)>),
     /// The session's own agent was deleted or re-keyed: end the session.
-    Revoked(&'static str),
+    Revoked(Revocation),
 }
 
 /// Compares what a session last sent its agent with the directory now in force.
@@ -166,24 +199,80 @@ pub fn session_update(agent_id: &str, sent: &Directory, now: &Directory) -> Sess
         return SessionUpdate::None;
     }
     if diff.deleted.iter().any(|e| e.info.id.eq_ignore_ascii_case(agent_id)) {
-        return SessionUpdate::Revoked("removed from the directory");
+        return SessionUpdate::Revoked(Revocation::Removed);
     }
     if diff.rekeyed.iter().any(|e| e.info.id.eq_ignore_ascii_case(agent_id)) {
-        return SessionUpdate::Revoked("its key changed in the directory");
+        return SessionUpdate::Revoked(Revocation::Rekeyed);
     }
     let mut changes: Vec<(AgentEntry, bool)> = diff.added.into_iter().chain(diff.rekeyed).map(|e| (e, false)).collect();
     changes.extend(diff.deleted.into_iter().map(|e| (e, true)));
     SessionUpdate::Push(changes)
 }
 
+/// Counts and logs a failed load; returns its kind. Repeats of the same kind only at debug level.
+fn report_failure(core: &Core, e: &LoadError, last_failure: Option<&'static str>) -> &'static str {
+    let kind = e.kind();
+    core.metrics.centops_failures.with_label_values(&[kind]).inc();
+    core.metrics.directory_refresh_failing.set(1);
+    if last_failure == Some(kind) {
+        tracing::debug!(kind, error = %e, "CentOps still failing");
+    } else if core.directory.is_loaded() {
+        tracing::error!(kind, error = %e, "CentOps refresh failed; keeping the last good directory");
+    } else {
+        tracing::error!(kind, error = %e, "cannot load the agent directory from CentOps yet; agents are refused until it loads (retrying)");
+    }
+    kind
+}
+
+fn record_success(core: &Core) {
+    core.metrics.directory_refresh_failing.set(0);
+    core.metrics.directory_last_success.set(chrono::Utc::now().timestamp());
+}
+
+/// Longest pause between two attempts at the first load.
+const FIRST_LOAD_MAX_PAUSE: Duration = Duration::from_secs(30);
+
+/// Loads the directory until it succeeds (exponential backoff with jitter, 0.5 s up to 30 s) or
+/// `stop`. Returns the last failure kind, for the refresh loop's log de-duplication.
+async fn load_first(core: &Core, source: &str, timeout: Duration, stop: &CancellationToken) -> Option<&'static str> {
+    use backon::BackoffBuilder as _;
+    let mut pauses = backon::ExponentialBuilder::new()
+        .with_jitter()
+        .with_min_delay(Duration::from_millis(500))
+        .with_max_delay(FIRST_LOAD_MAX_PAUSE)
+        .without_max_times()
+        .build();
+    let mut last_failure = None;
+    loop {
+        match load(source, timeout).await {
+            Ok(directory) => {
+                tracing::info!(agents = directory.len(), source, "agent directory loaded");
+                record_success(core);
+                apply(core, directory).await;
+                return last_failure;
+            }
+            Err(e) => last_failure = Some(report_failure(core, &e, last_failure)),
+        }
+        let pause = pauses.next().unwrap_or(FIRST_LOAD_MAX_PAUSE);
+        tokio::select! {
+            () = stop.cancelled() => return last_failure,
+            () = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
 /// Refreshes the directory until `stop`: on the cron schedule, and for a file source when it changes.
+/// If no directory was loaded at start, first retries until one loads.
 pub async fn run_refresh(core: Arc<Core>, schedule: croner::Cron, stop: CancellationToken) {
     let source = core.cfg.centops_configuration_url.clone();
     let timeout = Duration::from_millis(core.cfg.centops_request_timeout_ms);
+    let mut last_failure: Option<&'static str> = None;
+    if !core.directory.is_loaded() {
+        last_failure = load_first(&core, &source, timeout, &stop).await;
+    }
     let poll = (!is_url(&source) && core.cfg.centops_file_poll_interval_ms > 0)
         .then(|| Duration::from_millis(core.cfg.centops_file_poll_interval_ms));
     let mut last_stamp = file_stamp(&source).await;
-    let mut last_failure: Option<&'static str> = None;
     loop {
         let now = chrono::Utc::now();
         let until_cron = schedule
@@ -209,22 +298,10 @@ pub async fn run_refresh(core: Arc<Core>, schedule: croner::Cron, stop: Cancella
                 if let Some(kind) = last_failure.take() {
                     tracing::info!(previous_failure = kind, "CentOps configuration usable again");
                 }
-                core.metrics.directory_refresh_failing.set(0);
-                core.metrics.directory_last_success.set(chrono::Utc::now().timestamp());
+                record_success(&core);
                 apply(&core, next).await;
             }
-            Err(e) => {
-                let kind = e.kind();
-                core.metrics.centops_failures.with_label_values(&[kind]).inc();
-                core.metrics.directory_refresh_failing.set(1);
-                // One clear error per failure kind; repeats of the same failure only at debug level.
-                if last_failure == Some(kind) {
-                    tracing::debug!(kind, error = %e, "CentOps refresh still failing; keeping the last good directory");
-                } else {
-                    tracing::error!(kind, error = %e, "CentOps refresh failed; keeping the last good directory");
-                }
-                last_failure = Some(kind);
-            }
+            Err(e) => last_failure = Some(report_failure(&core, &e, last_failure)),
         }
     }
 }
@@ -243,7 +320,7 @@ async fn file_stamp(source: &str) -> Option<(SystemTime, u64)> {
 pub async fn apply(core: &Core, next: Directory) {
     let current = core.directory.current();
     let diff = current.diff(&next);
-    if diff.is_empty() {
+    if diff.is_empty() && core.directory.is_loaded() {
         return;
     }
     tracing::info!(

@@ -1,6 +1,6 @@
 //! The server's HTTP port: the legacy Socket.IO edge ([`crate::legacy`]), `/metrics`, `/health`
-//! (liveness) and `/ready` (readiness: RabbitMQ connected; the directory's state is reported beside it,
-//! see README "Directory changes").
+//! (liveness) and `/ready` (readiness: RabbitMQ connected and a directory loaded, not shutting down;
+//! the directory's refresh state is reported beside it, see README "Directory changes").
 
 use crate::Core;
 use axum::Router;
@@ -32,17 +32,28 @@ async fn health() -> impl IntoResponse {
 
 async fn ready(State(core): State<Arc<Core>>) -> impl IntoResponse {
     let rabbitmq = core.broker.is_ready();
+    let ready = core.is_ready();
     let agents = core.directory.current().len();
-    let status = if rabbitmq {
+    let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
+    let mut headers = axum::http::HeaderMap::new();
+    if !ready {
+        headers.insert(
+            axum::http::header::RETRY_AFTER,
+            axum::http::HeaderValue::from_static("5"),
+        );
+    }
     (
         status,
+        headers,
         Json(json!({
-            "status": if rabbitmq { "ready" } else { "not ready" },
+            "status": if ready { "ready" } else { "not ready" },
             "rabbitmq": if rabbitmq { "connected" } else { "disconnected" },
+            "directoryLoaded": core.directory.is_loaded(),
+            "shuttingDown": core.stop.is_cancelled(),
             "directoryAgents": agents,
             "directoryRefreshFailing": core.metrics.directory_refresh_failing.get() == 1,
             "directoryAgeSeconds": chrono::Utc::now().timestamp() - core.metrics.directory_last_success.get(),

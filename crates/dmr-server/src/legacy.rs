@@ -1,31 +1,36 @@
 //! The Socket.IO edge that keeps unmodified legacy TypeScript agents working (compat §4), on the
 //! server's HTTP port: Socket.IO v5 (socket.io-client v4), polling and websocket, via socketioxide.
 //!
-//! A legacy socket becomes the same agent session as a gRPC stream: it registers in the same
-//! [`crate::sessions::SessionRegistry`] (a new connection of the agent on either transport replaces
-//! the old one), its sends go through [`crate::router`], and its queue is delivered by
-//! [`crate::delivery`] through a [`DeliverySink`] that emits `dmr:agents:message-from-dmr-server`.
+//! A legacy socket runs as an agent session ([`crate::session`]) exactly like a gRPC stream; this
+//! file only authenticates and translates events.
 //!
-//! Authentication happens in a connect middleware, so every refusal is a `connect_error` carrying
-//! the reason. socketioxide has no connection state recovery: nothing is lost anyway, because a
-//! delivery is acked to RabbitMQ only after the agent's ack, and an interrupted one is redelivered.
+//! **Authentication** (compat §4, and SECURITY.md): the original RS256 JWT, `kid` = `sub` = agent
+//! id, verified with the directory's key. A current token must carry `exp` and no `iat`/`nbf` in the
+//! future. The original agent makes its token once at start and never refreshes it, so an expired
+//! token is accepted only if it is exactly (by SHA-256) the token of the agent's last authenticated
+//! session, verified with the same directory key — remembered in RabbitMQ, so every instance and
+//! every restart sees it ([`crate::broker::TokenRecord`]).
+//!
+//! **Refusals** are not `connect_error`s: socket.io-client treats those as final and the original
+//! agent would stay stranded. A refused agent is accepted, told why (`dmr:error`), and disconnected,
+//! which the original agent retries; each refusal is counted per agent id.
 
 use crate::Core;
-use crate::delivery::{self, DeliverySink, PendingAcks};
-use crate::directory::{self, SessionUpdate};
-use crate::router::{self, SendOutcome};
-use crate::sessions::OpenSession;
+use crate::broker::TokenRecord;
+use crate::delivery::DeliveryAnswer;
+use crate::router::SendOutcome;
+use crate::session::{self, CloseReason, Gone, Inbound, Transport};
+use dmr::directory::{AgentEntry, Directory};
 use dmr::envelope::Envelope;
 use dmr::{ErrorType, MessageError};
-use futures::future::BoxFuture;
 use serde_json::{Value, json};
 use socketioxide::SocketIo;
-use socketioxide::extract::{AckSender, Data, SocketRef, State, TryData};
+use socketioxide::extract::{AckSender, SocketRef, State, TryData};
 use socketioxide::handler::ConnectHandler as _;
 use socketioxide::layer::SocketIoLayer;
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use socketioxide::socket::DisconnectReason;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -39,285 +44,351 @@ pub mod events {
     pub const FULL_LIST: &str = "dmr:agents:full-list";
     /// Directory changes.
     pub const PARTIAL_LIST: &str = "dmr:agents:partial-list";
+    /// Ours: why the server is about to disconnect the agent (the original ignores it).
+    pub const ERROR: &str = "dmr:error";
 }
 
-/// Sends a legacy socket may have waiting for their turn (more are refused with an error ack).
-const SENDS_QUEUED: usize = 256;
+/// Events a legacy socket may have waiting for its session (sends beyond it get an error ack).
+const INBOUND_QUEUED: usize = 256;
 
-/// Edge state shared by the handlers.
-pub struct LegacyEdge {
-    core: Arc<Core>,
-    /// When each agent's last legacy connection ended (for the stale-token window).
-    last_seen: Mutex<HashMap<String, Instant>>,
-}
-
-#[derive(Clone)]
-struct AgentId(String);
-
-/// Why a handshake was refused (the `connect_error` message the client sees).
-#[derive(Debug)]
-struct Refusal(String);
-
-impl std::fmt::Display for Refusal {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+/// How long after a legacy session starts a `DECRYPTION_FAILED` is taken for the original agent's
+/// start-up race (it stores the directory asynchronously) and redelivered instead of recorded.
+const STARTUP_RACE_WINDOW: Duration = Duration::from_secs(10);
 
 /// Builds the tower layer serving Socket.IO, and the handle to it.
 pub fn layer(core: Arc<Core>) -> (SocketIoLayer, SocketIo) {
-    let edge = Arc::new(LegacyEdge {
-        core: core.clone(),
-        last_seen: Mutex::new(HashMap::new()),
-    });
     let (layer, io) = SocketIo::builder()
         // Node's socket.io default (1 MB) rather than socketioxide's 100 kB, and at least one envelope.
         .max_payload((core.cfg.message_max_payload_bytes as u64 + 64 * 1024).max(1_000_000))
         .ack_timeout(core.cfg.delivery_timeout())
-        .with_state(edge)
+        .with_state(core.clone())
         .build_layer();
-    io.ns(core.cfg.legacy.namespace.clone(), on_connect.with(authenticate));
+    io.ns(core.cfg.legacy.namespace.clone(), on_connect.with(handshake));
     (layer, io)
 }
 
-fn bearer(socket: &SocketRef) -> Option<String> {
+/// Why a handshake was refused: the metric reason and the message the agent is told.
+#[derive(Clone)]
+struct Refusal {
+    reason: &'static str,
+    message: String,
+}
+
+impl Refusal {
+    fn new(reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+fn token_of(socket: &SocketRef, auth: Option<&Value>) -> Option<String> {
+    if let Some(token) = auth.and_then(|a| a.get("token")).and_then(Value::as_str) {
+        return Some(token.to_owned());
+    }
     let header = socket.req_parts().headers.get("authorization")?.to_str().ok()?;
     header.strip_prefix("Bearer ").map(str::to_owned)
 }
 
-async fn authenticate(
-    socket: SocketRef,
-    State(edge): State<Arc<LegacyEdge>>,
-    TryData(auth): TryData<Value>,
-) -> Result<(), Refusal> {
-    let result = edge.check_token(&socket, auth.ok());
-    match result {
-        Ok(agent_id) => {
-            socket.extensions.insert(AgentId(agent_id));
-            Ok(())
-        }
-        Err((reason, message)) => {
-            edge.core.metrics.socket_errors.inc();
-            edge.core.metrics.auth_failures.with_label_values(&[reason]).inc();
-            tracing::warn!(reason, detail = %message, "legacy agent connection refused");
-            Err(Refusal(message))
-        }
-    }
+fn sha256_hex(bytes: &[u8]) -> String {
+    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
-impl LegacyEdge {
-    /// Verifies the handshake token as the original does (compat §4), with our stale-token window.
-    fn check_token(&self, socket: &SocketRef, auth: Option<Value>) -> Result<String, (&'static str, String)> {
-        let token = auth
-            .as_ref()
-            .and_then(|a| a.get("token"))
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-            .or_else(|| bearer(socket))
-            .ok_or((
-                "no_token",
-                "authentication token missing (auth.token or Authorization: Bearer)".to_owned(),
-            ))?;
-        let kid = dmr::token::kid(&token).map_err(|e| ("bad_token", e.to_string()))?;
-        let directory = self.core.directory.current();
-        let entry = directory
-            .get(&kid)
-            .ok_or(("unknown_agent", format!("agent {kid} is not in the directory")))?;
-        let claims = dmr::token::verify(&token, &entry.key).map_err(|e| ("bad_token", e.to_string()))?;
-        let now = chrono::Utc::now().timestamp();
-        let legacy = &self.core.cfg.legacy;
-        let recently_seen = self
-            .lock_seen()
-            .get(&claims.agent_id)
-            .is_some_and(|t| t.elapsed() <= Duration::from_millis(legacy.max_disconnection_duration_ms));
-        let grace = if recently_seen {
-            // The original agent reuses its start-up token forever: let it back in within the window.
-            i64::MAX
-        } else {
-            (legacy.expired_token_grace_ms / 1000) as i64
-        };
-        dmr::token::check_time(&claims, now, grace).map_err(|e| ("expired_token", e.to_string()))?;
-        Ok(claims.agent_id)
-    }
-
-    fn lock_seen(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
-        self.last_seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn count_received(&self, event: &str, ns: &str) {
-        self.core.metrics.events_received.with_label_values(&[event, ns]).inc();
-    }
-
-    fn count_sent(&self, event: &str, ns: &str) {
-        self.core.metrics.events_sent.with_label_values(&[event, ns]).inc();
-    }
+/// An authenticated agent and what to remember of its token.
+struct Authenticated {
+    agent_id: String,
+    record: TokenRecord,
 }
 
-async fn on_connect(socket: SocketRef, State(edge): State<Arc<LegacyEdge>>) {
-    let Some(AgentId(agent_id)) = socket.extensions.get::<AgentId>() else {
-        let _ = socket.disconnect();
-        return;
+/// Verifies the handshake token (see the module doc for the rule).
+async fn authenticate(core: &Core, token: Option<String>) -> Result<Authenticated, (Option<String>, Refusal)> {
+    let token = token.ok_or((
+        None,
+        Refusal::new(
+            "no_token",
+            "authentication token missing (auth.token or Authorization: Bearer)",
+        ),
+    ))?;
+    let kid = dmr::token::kid(&token).map_err(|e| (None, Refusal::new("bad_token", e.to_string())))?;
+    if core.stop.is_cancelled() {
+        return Err((
+            Some(kid),
+            Refusal::new("shutting_down", "server shutting down; reconnect"),
+        ));
+    }
+    if !core.directory.is_loaded() {
+        return Err((
+            Some(kid),
+            Refusal::new(
+                "directory_not_loaded",
+                "the server has not loaded the agent directory yet; reconnect shortly",
+            ),
+        ));
+    }
+    let directory = core.directory.current();
+    let Some(entry) = directory.get(&kid) else {
+        return Err((
+            None,
+            Refusal::new("unknown_agent", format!("agent {kid} is not in the directory")),
+        ));
     };
-    let core = edge.core.clone();
-    let ns = socket.ns().to_owned();
-    let session = Arc::new(OpenSession::open(&core, &agent_id, "Socket.IO").await);
-    let ticket = &session.ticket;
-    tracing::debug!(agent_id, transport = ?socket.transport_type(), "legacy agent's engine.io transport");
-
-    // The original wraps the list in an extra array (agents read `data[0]`): keep that shape, but
-    // send it to the connecting agent only.
-    let list: Vec<Value> = core
-        .directory
-        .current()
-        .entries()
-        .map(|e| e.to_legacy_json(None))
-        .collect();
-    if socket.emit(events::FULL_LIST, &vec![list]).is_ok() {
-        edge.count_sent(events::FULL_LIST, &ns);
+    let refuse = |reason, e: dmr::token::TokenError| (Some(kid.clone()), Refusal::new(reason, e.to_string()));
+    let claims = dmr::token::verify(&token, &entry.key).map_err(|e| refuse("bad_token", e))?;
+    let record = TokenRecord {
+        token_digest: sha256_hex(token.as_bytes()),
+        key_digest: sha256_hex(entry.info.authentication_certificate.as_bytes()),
+    };
+    let lifetime = dmr::token::lifetime(&claims, chrono::Utc::now().timestamp()).map_err(|e| refuse("bad_token", e))?;
+    if let dmr::token::Lifetime::Expired(by_secs) = lifetime {
+        let legacy = &core.cfg.legacy;
+        let within_grace =
+            by_secs.saturating_mul(1000) <= i64::try_from(legacy.expired_token_grace_ms).unwrap_or(i64::MAX);
+        let last = core
+            .broker
+            .last_legacy_token(&claims.agent_id, legacy.last_token_ttl_ms)
+            .await
+            .map_err(|e| {
+                (
+                    Some(kid.clone()),
+                    Refusal::new(
+                        "token_state_unavailable",
+                        format!("cannot check the token now ({e}); reconnect"),
+                    ),
+                )
+            })?;
+        if last.as_ref() != Some(&record) && !within_grace {
+            return Err((
+                Some(kid.clone()),
+                Refusal::new(
+                    "expired_token",
+                    format!(
+                        "token expired {by_secs} s ago and is not the agent's last authenticated token: restart the agent"
+                    ),
+                ),
+            ));
+        }
     }
+    Ok(Authenticated {
+        agent_id: claims.agent_id,
+        record,
+    })
+}
 
-    // Sends are handled in arrival order by one task per socket.
-    let (send_tx, send_rx) = mpsc::channel::<(Value, AckSender)>(SENDS_QUEUED);
-    tokio::spawn(process_sends(core.clone(), agent_id.clone(), send_rx));
-    let on_send_edge = edge.clone();
+/// Counts and logs a refusal, tells the agent, and disconnects it (which the original retries).
+fn refuse(core: &Core, socket: SocketRef, agent_id: Option<String>, refusal: Refusal) {
+    let agent = agent_id.as_deref().unwrap_or("unknown");
+    core.metrics.socket_errors.inc();
+    core.metrics.auth_failures.with_label_values(&[refusal.reason]).inc();
+    core.metrics
+        .legacy_refusals
+        .with_label_values(&[agent, refusal.reason])
+        .inc();
+    tracing::warn!(agent_id = agent, reason = refusal.reason, detail = %refusal.message, "legacy agent connection refused");
+    let _ = socket.emit(
+        events::ERROR,
+        &json!({"reason": refusal.reason, "message": refusal.message}),
+    );
+    let _ = socket.disconnect();
+}
+
+/// The handshake's outcome, left for [`on_connect`] in the socket's extensions.
+#[derive(Clone)]
+enum Handshake {
+    Accepted(String),
+    Refused(Option<String>, Refusal),
+}
+
+/// Connect middleware: authenticates and remembers the token. It never fails the connection (a
+/// `connect_error` would strand the original agent); [`on_connect`] refuses instead.
+async fn handshake(
+    socket: SocketRef,
+    State(core): State<Arc<Core>>,
+    TryData(auth): TryData<Value>,
+) -> Result<(), std::convert::Infallible> {
+    let token = token_of(&socket, auth.as_ref().ok());
+    let outcome = match authenticate(&core, token).await {
+        Err((agent_id, refusal)) => Handshake::Refused(agent_id, refusal),
+        Ok(agent) => match core
+            .broker
+            .remember_legacy_token(&agent.agent_id, &agent.record, core.cfg.legacy.last_token_ttl_ms)
+            .await
+        {
+            Ok(()) => Handshake::Accepted(agent.agent_id),
+            Err(e) => Handshake::Refused(
+                Some(agent.agent_id),
+                Refusal::new(
+                    "token_state_unavailable",
+                    format!("cannot record the session now ({e}); reconnect"),
+                ),
+            ),
+        },
+    };
+    socket.extensions.insert(outcome);
+    Ok(())
+}
+
+/// Registers the event handlers at once (before anything can arrive), then runs the session.
+async fn on_connect(socket: SocketRef, State(core): State<Arc<Core>>) {
+    let agent_id = match socket.extensions.get::<Handshake>() {
+        Some(Handshake::Accepted(agent_id)) => agent_id,
+        Some(Handshake::Refused(agent_id, refusal)) => return refuse(&core, socket, agent_id, refusal),
+        None => return refuse(&core, socket, None, Refusal::new("no_token", "handshake missing")),
+    };
+    tracing::debug!(agent_id, transport = ?socket.transport_type(), "legacy agent's engine.io transport");
+    let (tx, rx) = mpsc::channel::<Inbound<AckSender>>(INBOUND_QUEUED);
+    let send_tx = tx.clone();
+    let counting = core.clone();
     socket.on(
         events::MESSAGE_TO_SERVER,
-        move |s: SocketRef, Data(message): Data<Value>, ack: AckSender| {
-            on_send_edge.count_received(events::MESSAGE_TO_SERVER, s.ns());
-            if let Err(mpsc::error::TrySendError::Full((_, ack)) | mpsc::error::TrySendError::Closed((_, ack))) =
-                send_tx.try_send((message, ack))
-            {
-                let _ = ack.send(&json!({"status": "error", "error": "too many messages in flight; retry"}));
+        move |s: SocketRef, TryData(message): TryData<Value>, ack: AckSender| {
+            counting
+                .metrics
+                .events_received
+                .with_label_values(&[events::MESSAGE_TO_SERVER, s.ns()])
+                .inc();
+            match message {
+                Ok(message) => {
+                    if let Err(
+                        mpsc::error::TrySendError::Full(Inbound::Send { reply, .. })
+                        | mpsc::error::TrySendError::Closed(Inbound::Send { reply, .. }),
+                    ) = send_tx.try_send(Inbound::Send { message, reply: ack })
+                    {
+                        let _ = reply.send(&json!({"status": "error", "error": "too many messages in flight; retry"}));
+                    }
+                }
+                Err(e) => {
+                    let _ = ack.send(&json!({"status": "error", "error": format!("malformed event: {e}")}));
+                }
             }
             async {}
         },
     );
-
-    let acks = Arc::new(PendingAcks::default());
-    let sink = Arc::new(SocketSink {
-        socket: socket.clone(),
-        acks: acks.clone(),
-        edge: edge.clone(),
-    });
-    tokio::spawn(delivery::run(
-        core.clone(),
-        agent_id.clone(),
-        sink,
-        acks,
-        ticket.stop.clone(),
-        ticket.recheck.clone(),
-    ));
-
-    // Directory changes are pushed as partial lists; a revoked agent is disconnected. Replaced (by
-    // either transport) or shutting down: close the socket.
-    tokio::spawn(follow_directory(
-        edge.clone(),
-        socket.clone(),
-        agent_id.clone(),
-        ticket.stop.clone(),
-    ));
-
-    let disconnect_edge = edge.clone();
-    let session = session.clone();
-    socket.on_disconnect(move |reason: socketioxide::socket::DisconnectReason| {
-        disconnect_edge
-            .lock_seen()
-            .insert(session.agent_id.clone(), Instant::now());
-        session.close(&disconnect_edge.core, &format!("{reason:?}"));
+    let closed = CancellationToken::new();
+    let reason = Arc::new(OnceLock::new());
+    let (on_close, close_reason) = (closed.clone(), reason.clone());
+    socket.on_disconnect(move |why: DisconnectReason| {
+        let _ = close_reason.set(match why {
+            DisconnectReason::ClientNSDisconnect | DisconnectReason::TransportClose => CloseReason::AgentClosed,
+            _ => CloseReason::TransportLost,
+        });
+        on_close.cancel();
         async {}
     });
+    let transport = Arc::new(SocketTransport {
+        socket,
+        core: core.clone(),
+        answers: tx,
+    });
+    let ended = futures::stream::once(async move {
+        closed.cancelled().await;
+        Inbound::Closed(reason.get().copied().unwrap_or(CloseReason::TransportLost))
+    });
+    let inbound = futures::stream::select(tokio_stream::wrappers::ReceiverStream::new(rx), Box::pin(ended));
+    core.tasks
+        .spawn(session::run(core.clone(), agent_id, transport, inbound));
 }
 
-async fn follow_directory(edge: Arc<LegacyEdge>, socket: SocketRef, agent_id: String, stop: CancellationToken) {
-    let mut changes = edge.core.directory.subscribe();
-    let mut sent = changes.borrow_and_update().clone();
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => break,
-            changed = changes.changed() => {
-                if changed.is_err() {
-                    break;
-                }
-                let now = changes.borrow_and_update().clone();
-                match directory::session_update(&agent_id, &sent, &now) {
-                    SessionUpdate::None => {}
-                    SessionUpdate::Push(list) => {
-                        let list: Vec<Value> = list.iter().map(|(e, deleted)| e.to_legacy_json(Some(*deleted))).collect();
-                        if socket.emit(events::PARTIAL_LIST, &vec![list]).is_ok() {
-                            edge.count_sent(events::PARTIAL_LIST, socket.ns());
-                        }
-                    }
-                    SessionUpdate::Revoked(why) => {
-                        tracing::warn!(agent_id, why, "legacy agent revoked: disconnecting");
-                        break;
-                    }
-                }
-                sent = now;
+/// The outgoing half of a legacy session.
+struct SocketTransport {
+    socket: SocketRef,
+    core: Arc<Core>,
+    /// Where delivery acks go back to the session.
+    answers: mpsc::Sender<Inbound<AckSender>>,
+}
+
+impl SocketTransport {
+    fn emit(&self, event: &str, data: &impl serde::Serialize) -> Result<(), Gone> {
+        self.socket.emit(event, data).map_err(|_| Gone)?;
+        self.count_sent(event);
+        Ok(())
+    }
+
+    fn count_sent(&self, event: &str) {
+        self.core
+            .metrics
+            .events_sent
+            .with_label_values(&[event, self.socket.ns()])
+            .inc();
+    }
+}
+
+impl Transport for SocketTransport {
+    type Reply = AckSender;
+    const NAME: &'static str = "Socket.IO";
+
+    async fn send_directory(&self, directory: &Directory) -> Result<(), Gone> {
+        // The original wraps the list in an extra array (agents read `data[0]`): keep that shape.
+        let list: Vec<Value> = directory.entries().map(|e| e.to_legacy_json(None)).collect();
+        self.emit(events::FULL_LIST, &vec![list])
+    }
+
+    async fn send_changes(&self, changes: &[(AgentEntry, bool)]) -> Result<(), Gone> {
+        let list: Vec<Value> = changes
+            .iter()
+            .map(|(e, deleted)| e.to_legacy_json(Some(*deleted)))
+            .collect();
+        self.emit(events::PARTIAL_LIST, &vec![list])
+    }
+
+    async fn deliver(&self, delivery_id: u64, envelope: &Envelope, _attempt: u32) -> Result<(), Gone> {
+        let ack = self
+            .socket
+            .emit_with_ack::<_, Value>(events::MESSAGE_FROM_SERVER, &envelope.to_value())
+            .map_err(|_| Gone)?;
+        self.count_sent(events::MESSAGE_FROM_SERVER);
+        let answers = self.answers.clone();
+        tokio::spawn(async move {
+            // A timeout or a closed socket leaves the delivery unanswered: the delivery loop's own
+            // timeout then retries or, if the session is gone, the message returns to the queue.
+            if let Ok(answer) = ack.await {
+                let _ = answers
+                    .send(Inbound::DeliveryAnswer {
+                        delivery_id,
+                        answer: parse_ack(&answer),
+                    })
+                    .await;
             }
+        });
+        Ok(())
+    }
+
+    async fn answer(&self, ack: AckSender, outcome: &SendOutcome) {
+        let answer = match outcome {
+            SendOutcome::Accepted => json!({"status": "ok"}),
+            SendOutcome::Invalid(errors) => json!({
+                "status": "error",
+                "error": errors.iter().map(|e| format!("{}: {}", e.kind.as_str(), e.message)).collect::<Vec<_>>().join("; "),
+            }),
+            SendOutcome::Unavailable(detail) | SendOutcome::Unknown(detail) => {
+                json!({"status": "error", "error": detail})
+            }
+        };
+        let _ = ack.send(&answer);
+    }
+
+    async fn pong(&self, _nonce: u64) {}
+
+    async fn close(&self, reason: CloseReason) {
+        tracing::debug!(reason = reason.as_str(), "closing legacy socket");
+        if self.socket.connected() {
+            let _ = self.socket.clone().disconnect();
         }
     }
-    if socket.connected() {
-        let _ = socket.clone().disconnect();
-    }
-}
 
-async fn process_sends(core: Arc<Core>, agent_id: String, mut sends: mpsc::Receiver<(Value, AckSender)>) {
-    while let Some((message, ack)) = sends.recv().await {
-        let received = Instant::now();
-        let outcome = router::start_send(&core, &agent_id, message).await;
-        let core = core.clone();
-        tokio::spawn(async move {
-            let answer = match outcome.await {
-                SendOutcome::Accepted => json!({"status": "ok"}),
-                SendOutcome::Invalid(errors) => json!({
-                    "status": "error",
-                    "error": errors.iter().map(|e| format!("{}: {}", e.kind.as_str(), e.message)).collect::<Vec<_>>().join("; "),
-                }),
-                SendOutcome::Unavailable(detail) | SendOutcome::Unknown(detail) => {
-                    json!({"status": "error", "error": detail})
-                }
-            };
-            core.metrics
-                .message_processing
-                .observe(received.elapsed().as_secs_f64());
-            let _ = ack.send(&answer);
-        });
-    }
-}
-
-/// Delivers by emitting `dmr:agents:message-from-dmr-server` with an ack.
-struct SocketSink {
-    socket: SocketRef,
-    acks: Arc<PendingAcks>,
-    edge: Arc<LegacyEdge>,
-}
-
-impl DeliverySink for SocketSink {
-    fn send(&self, delivery_id: u64, envelope: &Envelope, _attempt: u32) -> BoxFuture<'_, Result<(), ()>> {
-        let emitted = self
-            .socket
-            .emit_with_ack::<_, Value>(events::MESSAGE_FROM_SERVER, &envelope.to_value());
-        Box::pin(async move {
-            let ack = emitted.map_err(|_| ())?;
-            self.edge.count_sent(events::MESSAGE_FROM_SERVER, self.socket.ns());
-            let acks = self.acks.clone();
-            tokio::spawn(async move {
-                // A timeout or a closed socket leaves the delivery unanswered: the delivery loop's own
-                // timeout then retries or, if the session is gone, the message returns to the queue.
-                if let Ok(answer) = ack.await {
-                    let (ok, errors) = parse_ack(&answer);
-                    acks.resolve(delivery_id, ok, errors);
-                }
-            });
-            Ok(())
-        })
+    fn startup_race_window(&self) -> Duration {
+        STARTUP_RACE_WINDOW
     }
 }
 
 /// Reads a legacy delivery ack: `{status:"ok"}` or `{status:"error", errors:[{type, message}]}`.
-fn parse_ack(answer: &Value) -> (bool, Vec<MessageError>) {
+fn parse_ack(answer: &Value) -> DeliveryAnswer {
     if answer.get("status").and_then(Value::as_str) == Some("ok") {
-        return (true, vec![]);
+        return DeliveryAnswer::Delivered;
     }
     let errors: Vec<MessageError> = answer
         .get("errors")
@@ -334,32 +405,33 @@ fn parse_ack(answer: &Value) -> (bool, Vec<MessageError>) {
         })
         .unwrap_or_default();
     if errors.is_empty() {
-        return (
-            false,
-            vec![MessageError::new(
-                ErrorType::Unknown,
-                format!("unexpected ack {answer}"),
-            )],
-        );
+        return DeliveryAnswer::Failed(vec![MessageError::new(
+            ErrorType::Unknown,
+            format!("unexpected ack {answer}"),
+        )]);
     }
-    (false, errors)
+    DeliveryAnswer::Failed(errors)
 }
 
 #[cfg(test)]
 mod tests {
     use super::parse_ack;
+    use crate::delivery::DeliveryAnswer;
     use dmr::ErrorType;
     use serde_json::json;
 
     #[test]
     fn acks_are_read_like_the_original_sends_them() {
-        assert_eq!(parse_ack(&json!({"status": "ok"})), (true, vec![]));
-        let (ok, errors) =
-            parse_ack(&json!({"status": "error", "errors": [{"type": "DECRYPTION_FAILED", "message": "x"}]}));
-        assert!(!ok);
+        assert_eq!(parse_ack(&json!({"status": "ok"})), DeliveryAnswer::Delivered);
+        let DeliveryAnswer::Failed(errors) =
+            parse_ack(&json!({"status": "error", "errors": [{"type": "DECRYPTION_FAILED", "message": "x"}]}))
+        else {
+            panic!("an error ack is a failure");
+        };
         assert_eq!(errors[0].kind, ErrorType::DecryptionFailed);
-        let (ok, errors) = parse_ack(&json!("weird"));
-        assert!(!ok);
+        let DeliveryAnswer::Failed(errors) = parse_ack(&json!("weird")) else {
+            panic!("an unexpected ack is a failure");
+        };
         assert_eq!(errors[0].kind, ErrorType::Unknown);
     }
 }

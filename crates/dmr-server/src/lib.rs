@@ -18,19 +18,20 @@ pub mod http;
 pub mod legacy;
 pub mod metrics;
 pub mod router;
-pub mod sessions;
+pub mod session;
 pub mod tls;
 
 use broker::Broker;
 use config::ServerConfig;
 use directory::DirectoryHandle;
 use metrics::Metrics;
-use sessions::SessionRegistry;
+use session::SessionRegistry;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Start-up failures, each naming what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -38,12 +39,12 @@ pub enum StartError {
     /// TLS files are missing or invalid.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
-    /// The directory could not be loaded at start.
+    /// The refresh schedule is invalid.
     #[error(transparent)]
-    Directory(#[from] directory::LoadError),
-    /// A setting is invalid.
-    #[error("configuration: {0}")]
-    Config(String),
+    Schedule(#[from] directory::ScheduleError),
+    /// RabbitMQ refused the credentials or the virtual host.
+    #[error(transparent)]
+    Broker(#[from] broker::BrokerError),
     /// A port could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -52,9 +53,15 @@ pub enum StartError {
         /// Why.
         source: std::io::Error,
     },
+    /// gRPC reflection could not be set up (a build defect).
+    #[error("gRPC reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Grpc(#[from] tonic::transport::Error),
+    /// The HTTP server failed.
+    #[error("HTTP server: {0}")]
+    Http(std::io::Error),
 }
 
 /// What every session and task of one server instance shares.
@@ -71,6 +78,16 @@ pub struct Core {
     pub metrics: Arc<Metrics>,
     /// Cancelled at shutdown; parent of every session's token.
     pub stop: CancellationToken,
+    /// Every session task: shutdown waits for them (within the grace period) before the broker
+    /// connection closes, so no publish confirm or delivery answer is cut off.
+    pub tasks: TaskTracker,
+}
+
+impl Core {
+    /// Ready to serve: RabbitMQ connected and a directory loaded (`/ready` and `grpc.health.v1`).
+    pub fn is_ready(&self) -> bool {
+        self.broker.is_ready() && self.directory.is_loaded() && !self.stop.is_cancelled()
+    }
 }
 
 /// A server with its ports bound, ready to run.
@@ -90,28 +107,44 @@ async fn bind(host: &str, port: u16) -> Result<TcpListener, StartError> {
 }
 
 impl Server {
-    /// Loads TLS material and the directory, and binds both ports (port 0 picks a free one).
+    /// Loads TLS material, checks RabbitMQ's credentials, tries to load the directory once, and
+    /// binds both ports (port 0 picks a free one). A directory that cannot be loaded yet is not an
+    /// error: the server starts not-ready and keeps trying (see [`directory::run_refresh`]).
     pub async fn bind(cfg: ServerConfig) -> Result<Self, StartError> {
         let tls = tls::server_config(&cfg.tls_cert_file, &cfg.tls_key_file, &cfg.tls_client_ca_file)?;
-        let schedule = directory::parse_schedule(&cfg.centops_configuration_cron_time).map_err(StartError::Config)?;
-        let initial = directory::load(
+        let schedule = directory::parse_schedule(&cfg.centops_configuration_cron_time)?;
+        let metrics = Arc::new(Metrics::new());
+        let broker = Broker::new(cfg.rabbitmq.clone(), metrics.clone());
+        broker.check_access().await?;
+        let grpc = bind(&cfg.bind_address, cfg.grpc_port).await?;
+        let http = bind(&cfg.bind_address, cfg.port).await?;
+        let directory = match directory::load(
             &cfg.centops_configuration_url,
             Duration::from_millis(cfg.centops_request_timeout_ms),
         )
-        .await?;
-        tracing::info!(agents = initial.len(), source = %cfg.centops_configuration_url, "agent directory loaded");
-        let grpc = bind(&cfg.bind_address, cfg.grpc_port).await?;
-        let http = bind(&cfg.bind_address, cfg.port).await?;
-        let metrics = Arc::new(Metrics::new());
-        metrics.directory_agents.set(initial.len() as i64);
-        metrics.directory_last_success.set(chrono::Utc::now().timestamp());
+        .await
+        {
+            Ok(initial) => {
+                tracing::info!(agents = initial.len(), source = %cfg.centops_configuration_url, "agent directory loaded");
+                metrics.directory_agents.set(initial.len() as i64);
+                metrics.directory_last_success.set(chrono::Utc::now().timestamp());
+                DirectoryHandle::new(initial)
+            }
+            Err(e) => {
+                tracing::error!(kind = e.kind(), error = %e, "cannot load the agent directory from CentOps; starting anyway, not ready and refusing agents until it loads");
+                metrics.centops_failures.with_label_values(&[e.kind()]).inc();
+                metrics.directory_refresh_failing.set(1);
+                DirectoryHandle::not_loaded()
+            }
+        };
         let core = Arc::new(Core {
-            broker: Broker::new(cfg.rabbitmq.clone(), metrics.clone()),
+            broker,
             cfg,
-            directory: DirectoryHandle::new(initial),
+            directory,
             sessions: SessionRegistry::default(),
             metrics,
             stop: CancellationToken::new(),
+            tasks: TaskTracker::new(),
         });
         Ok(Self {
             core,
@@ -141,8 +174,9 @@ impl Server {
         &self.core
     }
 
-    /// Runs until `shutdown` fires, then closes sessions (returning in-flight deliveries to their
-    /// queues) and the broker connection.
+    /// Runs until `shutdown` fires, then drains in order: stop accepting connections, close every
+    /// session (each answers its pending sends and finishes the delivery in hand, agents are told to
+    /// move), wait for them within `SHUTDOWN_TIMEOUT_MS`, and only then close RabbitMQ.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), StartError> {
         let Self {
             core,
@@ -152,90 +186,151 @@ impl Server {
             schedule,
         } = self;
         let refresher = tokio::spawn(directory::run_refresh(core.clone(), schedule, core.stop.clone()));
-        let dir = core.directory.clone();
-        let topology: broker::TopologySource = Arc::new(move || dir.current().ids().map(str::to_owned).collect());
-        let weak = Arc::downgrade(&core);
-        let remote_sessions: broker::RemoteSessionHook =
-            Arc::new(move |agent_id: &str, event: broker::Announcement| {
-                let Some(core) = weak.upgrade() else { return };
-                match event {
-                    broker::Announcement::Session => {
-                        if core.sessions.disconnect(agent_id) {
-                            tracing::info!(
-                                agent_id,
-                                "the agent connected to another instance: closing its session here"
-                            );
-                        }
-                    }
-                    broker::Announcement::QueueRecreated => core.sessions.recheck_consumer(agent_id),
-                }
-            });
-        let broker_task = tokio::spawn(core.broker.clone().run(topology, remote_sessions, core.stop.clone()));
-
+        let broker_stop = CancellationToken::new();
+        let broker_task = tokio::spawn(core.broker.clone().run(
+            topology_source(&core),
+            remote_session_hook(&core),
+            broker_stop.clone(),
+        ));
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
-        health_reporter
-            .set_serving::<dmr::proto::agent_gateway_server::AgentGatewayServer<gateway::Gateway>>()
-            .await;
-        let reflection_v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(dmr::proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .map_err(|e| StartError::Tls(tls::TlsError::Config(format!("reflection: {e}"))))?;
-        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(dmr::proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()
-            .map_err(|e| StartError::Tls(tls::TlsError::Config(format!("reflection: {e}"))))?;
-
+        let health_task = tokio::spawn(follow_readiness(core.clone(), health_reporter));
         let accept_stop = CancellationToken::new();
         let incoming = tls::incoming(grpc, tls, core.metrics.clone(), accept_stop.clone());
-        let gateway = dmr::proto::agent_gateway_server::AgentGatewayServer::new(gateway::Gateway::new(core.clone()))
-            .max_decoding_message_size(core.cfg.message_max_payload_bytes + 64 * 1024);
-        let grpc_stop = shutdown.clone();
-        let grpc_task = tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .add_service(gateway)
-            .serve_with_incoming_shutdown(incoming, grpc_stop.cancelled_owned());
+        let grpc_task = grpc_server(&core, health_service)?
+            .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
+        // The HTTP port keeps serving until the sessions drained: a legacy agent on the polling
+        // transport needs new requests to receive the answers to its last sends.
+        let drained = CancellationToken::new();
         let http_task =
-            axum::serve(http, http::router(core.clone())).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+            axum::serve(http, http::router(core.clone())).with_graceful_shutdown(drained.clone().cancelled_owned());
 
-        let stopper = {
-            let core = core.clone();
-            let shutdown = shutdown.clone();
+        let drain = {
+            let (core, shutdown, broker_stop, drained) =
+                (core.clone(), shutdown.clone(), broker_stop.clone(), drained.clone());
             async move {
                 shutdown.cancelled().await;
-                tracing::info!("shutting down: closing agent sessions");
+                tracing::info!(
+                    sessions = core.sessions.len(),
+                    "shutting down: no new connections; draining agent sessions"
+                );
                 accept_stop.cancel();
                 core.stop.cancel();
+                core.tasks.close();
+                if tokio::time::timeout(core.cfg.shutdown_timeout(), core.tasks.wait())
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(
+                        grace_ms = core.cfg.shutdown_timeout_ms,
+                        "shutdown grace period passed with sessions still open (unacked deliveries return to their queues)"
+                    );
+                }
+                drained.cancel();
+                broker_stop.cancel();
             }
         };
-        let deadline = Duration::from_millis(core.cfg.shutdown_timeout_ms);
-        let everything = async {
-            let joined = tokio::join!(grpc_task, http_task, stopper);
-            let _ = broker_task.await;
-            let _ = refresher.await;
-            joined
-        };
+        let everything = async { tokio::join!(grpc_task, http_task, drain) };
         let overdue = async {
             shutdown.cancelled().await;
-            tokio::time::sleep(deadline).await;
+            tokio::time::sleep(core.cfg.shutdown_timeout() + CLOSE_MARGIN).await;
         };
-        let (grpc_result, http_result, ()) = tokio::select! {
-            joined = everything => joined,
-            () = overdue => {
-                tracing::warn!(deadline_ms = deadline.as_millis() as u64, "shutdown deadline passed; exiting with work still open (unacked deliveries return to their queues)");
-                return Ok(());
-            }
+        let results = tokio::select! {
+            joined = everything => Some(joined),
+            () = overdue => None,
+        };
+        broker_stop.cancel();
+        let _ = tokio::time::timeout(CLOSE_MARGIN, broker_task).await;
+        let _ = refresher.await;
+        health_task.abort();
+        let Some((grpc_result, http_result, ())) = results else {
+            tracing::warn!("connections still open after the grace period; exiting");
+            return Ok(());
         };
         grpc_result?;
-        http_result.map_err(|source| StartError::Bind {
-            addr: "http".into(),
-            source,
-        })?;
+        http_result.map_err(StartError::Http)?;
         Ok(())
+    }
+}
+
+/// Time allowed beyond the grace period for connections and the broker to close.
+const CLOSE_MARGIN: Duration = Duration::from_secs(3);
+
+/// The agent ids whose queues must exist, read at each (re)connect to RabbitMQ.
+fn topology_source(core: &Arc<Core>) -> broker::TopologySource {
+    let dir = core.directory.clone();
+    Arc::new(move || dir.current().ids().map(str::to_owned).collect())
+}
+
+/// What to do when another instance announces something about an agent.
+fn remote_session_hook(core: &Arc<Core>) -> broker::RemoteSessionHook {
+    let weak = Arc::downgrade(core);
+    Arc::new(move |agent_id: &str, event: broker::Announcement| {
+        let Some(core) = weak.upgrade() else { return };
+        match event {
+            broker::Announcement::Session => {
+                if core.sessions.replaced_elsewhere(agent_id) {
+                    tracing::info!(
+                        agent_id,
+                        "the agent connected to another instance: closing its session here"
+                    );
+                }
+            }
+            broker::Announcement::QueueRecreated => core.sessions.recheck_consumer(agent_id),
+        }
+    })
+}
+
+type GatewayServer = dmr::proto::agent_gateway_server::AgentGatewayServer<gateway::Gateway>;
+
+/// The gRPC services: health, reflection (v1 and v1alpha, for every grpcurl) and the gateway.
+fn grpc_server(
+    core: &Arc<Core>,
+    health: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+) -> Result<tonic::transport::server::Router, StartError> {
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(dmr::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(dmr::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let gateway = GatewayServer::new(gateway::Gateway::new(core.clone()))
+        .max_decoding_message_size(core.cfg.message_max_payload_bytes + 64 * 1024);
+    Ok(tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(gateway))
+}
+
+/// Keeps `grpc.health.v1` in step with `/ready`: SERVING only while RabbitMQ is connected, the
+/// directory is loaded and the server is not shutting down.
+async fn follow_readiness(core: Arc<Core>, reporter: tonic_health::server::HealthReporter) {
+    let mut broker = core.broker.ready();
+    let mut directory = core.directory.watch_loaded();
+    loop {
+        if core.is_ready() {
+            reporter.set_serving::<GatewayServer>().await;
+            reporter
+                .set_service_status("", tonic_health::ServingStatus::Serving)
+                .await;
+        } else {
+            reporter.set_not_serving::<GatewayServer>().await;
+            reporter
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+        }
+        tokio::select! {
+            r = broker.changed() => if r.is_err() { return },
+            r = directory.changed() => if r.is_err() { return },
+            () = core.stop.cancelled() => {
+                reporter.set_not_serving::<GatewayServer>().await;
+                reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+                return;
+            }
+        }
     }
 }

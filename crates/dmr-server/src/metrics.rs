@@ -53,6 +53,11 @@ pub struct Metrics {
     pub directory_age: IntGauge,
     /// Agents in the directory in force.
     pub directory_agents: IntGauge,
+    /// Legacy agents refused at the handshake, by agent id and reason (an alert can name the agent).
+    pub legacy_refusals: IntCounterVec,
+    /// TCP connections on the gRPC port that closed or stalled before a TLS ClientHello (port
+    /// probes, load-balancer checks): not authentication failures.
+    pub tls_probes: IntCounter,
 }
 
 fn latency_buckets() -> Vec<f64> {
@@ -178,6 +183,15 @@ impl Metrics {
                 "Seconds since the last successful directory load"
             )),
             directory_agents: reg!(gauge("dmr_directory_agents", "Agents in the directory in force")),
+            legacy_refusals: reg!(counter_vec(
+                "dmr_legacy_auth_refusals_total",
+                "Legacy (Socket.IO) agents refused at the handshake and disconnected",
+                &["agent_id", "reason"]
+            )),
+            tls_probes: reg!(counter(
+                "dmr_tls_probe_connections_total",
+                "Connections to the gRPC port that never started TLS (probes, health checks)"
+            )),
             registry,
         }
     }
@@ -189,7 +203,11 @@ impl Metrics {
         let mut families = self.registry.gather();
         // Process-wide dmr_* metrics (dmr_log_write_failures_total, from the binary's log set-up)
         // live in the default registry; its process_* duplicates ours, so only dmr_* is taken.
-        families.extend(prometheus::gather().into_iter().filter(|f| f.name().starts_with("dmr_")));
+        families.extend(
+            prometheus::gather()
+                .into_iter()
+                .filter(|f| f.name().starts_with("dmr_")),
+        );
         prometheus::TextEncoder::new()
             .encode_to_string(&families)
             .unwrap_or_default()

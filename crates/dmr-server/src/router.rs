@@ -1,5 +1,5 @@
-//! Routing shared by every transport: validating and queueing an agent's send, recording
-//! validation failures, and deciding what happens to a delivery after the agent answered.
+//! Routing shared by every transport: validating and queueing an agent's send, and recording
+//! validation failures.
 //!
 //! **Invariants:**
 //! - a send is answered "accepted" only after RabbitMQ confirmed the publish;
@@ -8,9 +8,9 @@
 //! - an invalid message is recorded in the validation-failures queue before the sender hears why.
 
 use crate::Core;
-use crate::broker::BrokerError;
+use crate::broker::{BrokerError, Rejection};
+use dmr::MessageError;
 use dmr::envelope::{self, Envelope, ValidationContext, ValidationFailure};
-use dmr::{ErrorType, MessageError};
 use serde_json::Value;
 use std::sync::Arc;
 
@@ -81,7 +81,10 @@ pub async fn start_send(core: &Arc<Core>, agent_id: &str, raw: Value) -> impl Fu
             }
             Ok((env, Ok(confirm))) => match confirm.await {
                 Ok(()) => SendOutcome::Accepted,
-                Err(BrokerError::NotAccepted { reason, .. }) if reason.starts_with("unroutable") => {
+                Err(BrokerError::NotAccepted {
+                    rejection: Rejection::Unroutable,
+                    ..
+                }) => {
                     // The recipient is in the directory but its queue is missing (deleted by hand, or
                     // added since the last declaration): declare it and publish once more.
                     republish(&core, &env).await
@@ -153,34 +156,5 @@ pub async fn record_validation_failure(core: &Core, message: Value, errors: Vec<
         .await
     {
         tracing::error!(message_id = %record.id, error = %e, "could not record validation failure");
-    }
-}
-
-/// What to do with a delivery once the agent answered (or did not).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DeliveryVerdict {
-    /// Delivered: ack to RabbitMQ.
-    Delivered,
-    /// The agent could not decrypt or verify it: record in validation-failures, then ack.
-    Undecryptable(Vec<MessageError>),
-    /// Try again (endpoint failed, timeout), until the attempts run out.
-    Retry(String),
-}
-
-/// Classifies an agent's answer. `None` means no answer within the timeout.
-pub fn verdict(answer: Option<(bool, Vec<MessageError>)>) -> DeliveryVerdict {
-    match answer {
-        None => DeliveryVerdict::Retry("no acknowledgement within MESSAGE_DELIVERY_TIMEOUT_MS".into()),
-        Some((true, _)) => DeliveryVerdict::Delivered,
-        Some((false, errors)) if errors.iter().any(|e| e.kind == ErrorType::DecryptionFailed) => {
-            DeliveryVerdict::Undecryptable(errors)
-        }
-        Some((false, errors)) => DeliveryVerdict::Retry(
-            errors
-                .iter()
-                .map(|e| format!("{}: {}", e.kind.as_str(), e.message))
-                .collect::<Vec<_>>()
-                .join("; "),
-        ),
     }
 }

@@ -1,0 +1,136 @@
+//! What instances tell each other about agents, on the `dmr.sessions` fanout exchange: a new
+//! session of an agent (older sessions elsewhere must close) and a re-created queue (consumers
+//! must re-attach). Best effort: a lost note is covered by the consumer handover wait and checks.
+
+use super::{Broker, BrokerError};
+use futures::StreamExt as _;
+use lapin::BasicProperties;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use std::sync::Arc;
+
+/// Fanout exchange on which instances announce new agent sessions, so that a newer connection of
+/// an agent on one instance replaces an older one on another.
+pub const SESSIONS_EXCHANGE: &str = "dmr.sessions";
+
+/// Called with an agent id and an [`Announcement`] made by another server instance.
+pub type RemoteSessionHook = Arc<dyn Fn(&str, Announcement) + Send + Sync>;
+
+/// What instances tell each other about an agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Announcement {
+    /// The agent opened a session on the announcing instance (older sessions elsewhere must close).
+    Session,
+    /// The agent's queue was missing and has been declared again (consumers must re-attach).
+    QueueRecreated,
+}
+
+impl Announcement {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Session => "session",
+            Self::QueueRecreated => "queue-recreated",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "session" => Some(Self::Session),
+            "queue-recreated" => Some(Self::QueueRecreated),
+            _ => None,
+        }
+    }
+}
+
+impl Broker {
+    /// Binds a private queue to [`SESSIONS_EXCHANGE`] and calls `hook` for other instances' notes.
+    pub(super) async fn listen_for_sessions(&self, hook: RemoteSessionHook) -> Result<(), BrokerError> {
+        let link = self.link().await?;
+        let amqp = |source| BrokerError::Amqp {
+            operation: "session announcements",
+            queue: SESSIONS_EXCHANGE.to_owned(),
+            source,
+        };
+        let channel = link.conn.create_channel().await.map_err(amqp)?;
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        channel
+            .exchange_declare(
+                SESSIONS_EXCHANGE.into(),
+                lapin::ExchangeKind::Fanout,
+                durable,
+                FieldTable::default(),
+            )
+            .await
+            .map_err(amqp)?;
+        let private = QueueDeclareOptions {
+            exclusive: true,
+            auto_delete: true,
+            ..Default::default()
+        };
+        let queue = channel
+            .queue_declare("".into(), private, FieldTable::default())
+            .await
+            .map_err(amqp)?;
+        channel
+            .queue_bind(
+                queue.name().clone(),
+                SESSIONS_EXCHANGE.into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(amqp)?;
+        let no_ack = BasicConsumeOptions {
+            no_ack: true,
+            ..Default::default()
+        };
+        let mut consumer = channel
+            .basic_consume(queue.name().clone(), "".into(), no_ack, FieldTable::default())
+            .await
+            .map_err(amqp)?;
+        let me = self.instance_id.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(delivery)) = consumer.next().await {
+                let Ok(note) = serde_json::from_slice::<serde_json::Value>(&delivery.data) else {
+                    continue;
+                };
+                let (Some(agent), Some(instance)) = (note["agentId"].as_str(), note["instance"].as_str()) else {
+                    continue;
+                };
+                // Notes from older instances carry no event: they announced sessions only.
+                let event = note["event"]
+                    .as_str()
+                    .map_or(Some(Announcement::Session), Announcement::parse);
+                if let Some(event) = event
+                    && instance != me
+                {
+                    hook(agent, event);
+                }
+            }
+            drop(channel);
+        });
+        Ok(())
+    }
+
+    /// Tells the other instances about `agent_id` (best effort).
+    pub async fn announce(&self, agent_id: &str, event: Announcement) {
+        let Ok(link) = self.link().await else { return };
+        let note = serde_json::json!({"agentId": agent_id, "instance": self.instance_id, "event": event.as_str()});
+        let _ = link
+            .publish
+            .basic_publish(
+                SESSIONS_EXCHANGE.into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                note.to_string().as_bytes(),
+                BasicProperties::default(),
+            )
+            .await;
+    }
+}

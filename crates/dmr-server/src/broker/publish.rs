@@ -1,0 +1,94 @@
+//! Confirmed publishing: "accepted" means RabbitMQ confirmed the message and did not return it.
+
+use super::{Broker, BrokerError, Rejection};
+use lapin::options::BasicPublishOptions;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Confirmation};
+
+impl Broker {
+    /// Publishes `body` persistently to `queue` and waits for the broker's confirm.
+    pub async fn publish(&self, queue: &str, body: &[u8]) -> Result<(), BrokerError> {
+        self.start_publish(queue, body).await?.await
+    }
+
+    /// Publishes a message that could not be delivered to the dead-letter queue `dlq`, with the
+    /// number of attempts and the last error in its headers, and waits for the confirm.
+    pub async fn publish_dead_letter(
+        &self,
+        dlq: &str,
+        body: &[u8],
+        attempts: u32,
+        last_error: &str,
+    ) -> Result<(), BrokerError> {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "x-dmr-dead-letter-reason".into(),
+            AMQPValue::LongString("delivery-failed".into()),
+        );
+        headers.insert("x-dmr-attempts".into(), AMQPValue::LongUInt(attempts));
+        headers.insert("x-dmr-last-error".into(), AMQPValue::LongString(last_error.into()));
+        headers.insert(
+            "x-dmr-dead-lettered-at".into(),
+            AMQPValue::LongString(dmr::time::now_iso().into()),
+        );
+        let properties = BasicProperties::default().with_delivery_mode(2).with_headers(headers);
+        self.start_publish_with(dlq, body, properties).await?.await
+    }
+
+    /// Sends `body` to `queue` now (so calls made in order are queued in order) and returns a future
+    /// that resolves when RabbitMQ confirmed it.
+    pub async fn start_publish(
+        &self,
+        queue: &str,
+        body: &[u8],
+    ) -> Result<impl Future<Output = Result<(), BrokerError>> + use<>, BrokerError> {
+        self.start_publish_with(queue, body, BasicProperties::default().with_delivery_mode(2))
+            .await
+    }
+
+    async fn start_publish_with(
+        &self,
+        queue: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<impl Future<Output = Result<(), BrokerError>> + use<>, BrokerError> {
+        let link = self.link().await?;
+        let started = std::time::Instant::now();
+        let q = queue.to_owned();
+        let amqp = |source| BrokerError::Amqp {
+            operation: "publish",
+            queue: queue.to_owned(),
+            source,
+        };
+        let confirm = link
+            .publish
+            .basic_publish(
+                ShortString::from(""),
+                queue.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                body,
+                properties,
+            )
+            .await
+            .map_err(amqp)?;
+        let metrics = self.metrics.clone();
+        Ok(async move {
+            let confirmation = confirm.await.map_err(|source| BrokerError::Amqp {
+                operation: "publish confirm",
+                queue: q.clone(),
+                source,
+            })?;
+            metrics.publish_confirm_seconds.observe(started.elapsed().as_secs_f64());
+            let rejection = match confirmation {
+                Confirmation::Ack(None) => return Ok(()),
+                Confirmation::Ack(Some(_)) => Rejection::Unroutable,
+                Confirmation::Nack(_) => Rejection::Nacked,
+                Confirmation::NotRequested => Rejection::ConfirmsOff,
+            };
+            Err(BrokerError::NotAccepted { queue: q, rejection })
+        })
+    }
+}
