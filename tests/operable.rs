@@ -358,7 +358,7 @@ async fn a_full_run_logs_ids_as_fields_but_never_payloads_keys_or_tokens() {
         &[("TOKEN_KEY", stranger.key_pem.as_str())],
     )
     .await;
-    refused.wait_event("connect_error", WAIT).await.expect("refused");
+    refused.wait_event("server_error", WAIT).await.expect("refused");
     refused.kill().await;
     legacy.kill().await;
     // The checks below are negative (no secret in any log line): give the processes the time to

@@ -9,7 +9,10 @@
 // TOKEN_KID (kid/sub to claim instead of AGENT_ID), TRANSPORTS=polling|websocket (default: both,
 // polling first, like the original), DROP_ON_FIRST_DELIVERY=1 (drop the transport instead of
 // acking the first delivery, then reconnect), AUTH_HEADER=1 (send the token as a Bearer header),
-// TOKEN_ONCE=1 + TOKEN_TTL=s (one start-up token, like the original), DROP_AFTER_MS (drop the transport once).
+// TOKEN_ONCE=1 + TOKEN_TTL=s (one start-up token, like the original), DROP_AFTER_MS (drop the transport once),
+// TOKEN (use exactly this token), ASYNC_DIRECTORY_MS (store the full list only after this delay, as
+// the original's asynchronous handler may: deliveries arriving before it find no sender).
+// It reports the server's `dmr:error` (why it is about to be disconnected) as `server_error`.
 import http from 'node:http';
 import { io } from 'socket.io-client';
 import { CompactEncrypt, SignJWT, compactDecrypt, importPKCS8, importSPKI, jwtVerify } from 'jose';
@@ -27,6 +30,7 @@ const say = (event, extra = {}) => process.stdout.write(JSON.stringify({ event, 
 let startupToken;
 async function makeToken() {
   if (env.TOKEN_MODE === 'garbage') return 'not.a.jwt';
+  if (env.TOKEN) return env.TOKEN;
   // TOKEN_ONCE=1 reproduces the original agent: one token made at start-up, reused on every attempt.
   if (env.TOKEN_ONCE === '1' && startupToken) return startupToken;
   const kid = env.TOKEN_KID || agentId;
@@ -59,9 +63,16 @@ socket.on('disconnect', (reason) => {
   if (reason === 'io server disconnect') setTimeout(() => socket.connect(), options.reconnectionDelay);
 });
 socket.io.engine?.on?.('upgrade', (t) => say('upgrade', { transport: t.name }));
+socket.on('dmr:error', (e) => say('server_error', e));
 socket.on('dmr:agents:full-list', (data) => {
-  agents = data[0];
-  say('full-list', { ids: agents.map((a) => a.id) });
+  const store = () => {
+    agents = data[0];
+    say('full-list', { ids: agents.map((a) => a.id) });
+  };
+  if (env.ASYNC_DIRECTORY_MS) {
+    agents = [];
+    setTimeout(store, Number(env.ASYNC_DIRECTORY_MS));
+  } else store();
 });
 socket.on('dmr:agents:partial-list', (data) => {
   for (const a of data[0]) {

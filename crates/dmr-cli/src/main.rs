@@ -46,11 +46,9 @@ fn main() -> anyhow::Result<()> {
     let command = Cli::command()
         .mut_subcommand("server", print_env::with_flag)
         .mut_subcommand("agent", print_env::with_flag);
-    if let Some(sub) = print_env::requested(&argv) {
-        if let Some(sub) = command.find_subcommand(sub) {
-            print!("{}", print_env::listing(sub));
-            return Ok(());
-        }
+    if let Some(sub) = print_env::requested(&argv).and_then(|sub| command.find_subcommand(sub)) {
+        print!("{}", print_env::listing(sub));
+        return Ok(());
     }
     let cli = Cli::from_arg_matches(&command.get_matches_from(argv)).unwrap_or_else(|e| e.exit());
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();

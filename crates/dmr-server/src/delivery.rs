@@ -240,9 +240,15 @@ enum Verdict {
     Delivered,
     /// The agent could not decrypt or verify it: record in validation-failures, then ack.
     Undecryptable(Vec<MessageError>),
-    /// Try again (endpoint failed, timeout, start-up race), until the budget runs out.
+    /// Try again (endpoint failed, timeout), until the budget runs out.
     Retry(String),
+    /// `DECRYPTION_FAILED` within the agent's start-up window: try again shortly, outside the
+    /// retry budget (the window bounds it), then record it if it persists.
+    StartupRace,
 }
+
+/// Pause between redeliveries of a message refused during the agent's start-up window.
+const STARTUP_RACE_PAUSE: Duration = Duration::from_millis(250);
 
 /// Classifies an agent's answer. `None` means no answer within the timeout. Within the start-up
 /// race window a `DECRYPTION_FAILED` is retried: the original agent stores the directory
@@ -260,7 +266,7 @@ fn verdict(answer: Option<DeliveryAnswer>, in_race_window: bool) -> Verdict {
             if !errors.iter().any(|e| e.kind == ErrorType::DecryptionFailed) {
                 Verdict::Retry(reasons)
             } else if in_race_window {
-                Verdict::Retry(format!("{reasons} (within the agent's start-up window: retried)"))
+                Verdict::StartupRace
             } else {
                 Verdict::Undecryptable(errors)
             }
@@ -332,6 +338,16 @@ async fn deliver_one<T: Transport>(d: &Deliveries<T>, delivery: Delivery) -> Han
                 return Handled::Settled;
             }
             Verdict::Retry(reason) => reason,
+            Verdict::StartupRace => {
+                core.metrics.startup_race_redeliveries.inc();
+                tracing::info!(agent_id, message_id = %envelope.id, "DECRYPTION_FAILED right after the agent connected (it may not have stored the directory yet): delivering again");
+                tokio::select! {
+                    () = d.abort.cancelled() => return Handled::Left,
+                    () = d.drain.cancelled() => return Handled::Left,
+                    () = tokio::time::sleep(STARTUP_RACE_PAUSE) => {}
+                }
+                continue;
+            }
         };
         attempt += 1;
         tracing::warn!(agent_id, message_id = %envelope.id, attempt, %reason, "delivery failed");
@@ -395,7 +411,7 @@ mod tests {
             Verdict::Undecryptable(_)
         ));
         assert!(
-            matches!(verdict(Some(undecryptable), true), Verdict::Retry(_)),
+            matches!(verdict(Some(undecryptable), true), Verdict::StartupRace),
             "retried within the start-up race window"
         );
     }

@@ -55,6 +55,8 @@ pub struct Metrics {
     pub directory_agents: IntGauge,
     /// Legacy agents refused at the handshake, by agent id and reason (an alert can name the agent).
     pub legacy_refusals: IntCounterVec,
+    /// Deliveries repeated because a legacy agent answered `DECRYPTION_FAILED` right after connecting.
+    pub startup_race_redeliveries: IntCounter,
     /// TCP connections on the gRPC port that closed or stalled before a TLS ClientHello (port
     /// probes, load-balancer checks): not authentication failures.
     pub tls_probes: IntCounter,
@@ -187,6 +189,10 @@ impl Metrics {
                 "dmr_legacy_auth_refusals_total",
                 "Legacy (Socket.IO) agents refused at the handshake and disconnected",
                 &["agent_id", "reason"]
+            )),
+            startup_race_redeliveries: reg!(counter(
+                "dmr_delivery_startup_race_redeliveries_total",
+                "Deliveries repeated after DECRYPTION_FAILED within a legacy agent's start-up window"
             )),
             tls_probes: reg!(counter(
                 "dmr_tls_probe_connections_total",

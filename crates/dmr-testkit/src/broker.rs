@@ -21,9 +21,10 @@ pub fn rabbit_config() -> RabbitConfig {
     cfg
 }
 
-/// The queues the server declares for agent `id`: `<id>` and `<id>.dlq`.
-pub fn agent_queues(id: &str) -> [String; 2] {
-    [id.to_owned(), format!("{id}.dlq")]
+/// The queues the server declares for agent `id`: `<id>`, `<id>.dlq`, and the legacy edge's
+/// `dmr.legacy-token.<id>` (declared only if the agent connected over Socket.IO).
+pub fn agent_queues(id: &str) -> [String; 3] {
+    [id.to_owned(), format!("{id}.dlq"), format!("dmr.legacy-token.{id}")]
 }
 
 /// Deletes `names` on the broker at `uri`, 32 at a time (missing queues are fine); returns how

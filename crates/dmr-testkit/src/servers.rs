@@ -35,6 +35,8 @@ pub fn server_config(pki: &TestPki, centops: &Path, vf_queue: &str) -> ServerCon
     cfg.rabbitmq.reconnect_interval_ms = 500;
     cfg.message_delivery_timeout_ms = 2000;
     cfg.message_delivery_retry_delay_ms = 50;
+    // A few quick attempts, so that tests of dead-lettering do not wait for the retry budget.
+    cfg.message_delivery_max_attempts = 3;
     cfg
 }
 
