@@ -246,11 +246,8 @@ mod tests {
     use super::*;
 
     fn vectors() -> serde_json::Value {
-        let text = std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/data/jose-vectors.json"
-        ))
-        .expect("tests/data/jose-vectors.json (copied from the original's interop vectors) is missing");
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/jose-vectors.json"))
+            .expect("tests/data/jose-vectors.json (copied from the original's interop vectors) is missing");
         serde_json::from_str(&text).expect("vectors are JSON")
     }
 

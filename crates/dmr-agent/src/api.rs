@@ -191,25 +191,28 @@ pub(crate) async fn post_message(
         received_at: String::new(),
     };
     match state.link.send(envelope).await {
-        Ok(result) if result.status == SendStatus::Accepted as i32 => {
-            state.accepted().insert_with(message.id, fingerprint);
-            StatusCode::OK.into_response()
-        }
-        Ok(result) if result.status == SendStatus::Unavailable as i32 => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            vec![format!("DMR server could not queue the message: {}", result.detail)],
-        ),
-        Ok(result) if result.status == SendStatus::Unknown as i32 => error(
-            StatusCode::BAD_GATEWAY,
-            vec![format!(
-                "DMR server lost the broker's confirmation; retry with the same id: {}",
-                result.detail
-            )],
-        ),
-        Ok(result) => error(
-            StatusCode::BAD_GATEWAY,
-            vec![format!("DMR server refused the message: {}", result.detail)],
-        ),
+        // Through the typed getter: a new status is a compile error here, not a silent fallthrough.
+        Ok(result) => match result.status() {
+            SendStatus::Accepted => {
+                state.accepted().insert_with(message.id, fingerprint);
+                StatusCode::OK.into_response()
+            }
+            SendStatus::Unavailable => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                vec![format!("DMR server could not queue the message: {}", result.detail)],
+            ),
+            SendStatus::Unknown => error(
+                StatusCode::BAD_GATEWAY,
+                vec![format!(
+                    "DMR server lost the broker's confirmation; retry with the same id: {}",
+                    result.detail
+                )],
+            ),
+            SendStatus::Invalid | SendStatus::Unspecified => error(
+                StatusCode::BAD_GATEWAY,
+                vec![format!("DMR server refused the message: {}", result.detail)],
+            ),
+        },
         Err(SendError::NotConnected) => error(
             StatusCode::SERVICE_UNAVAILABLE,
             vec![SendError::NotConnected.to_string()],

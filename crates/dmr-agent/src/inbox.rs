@@ -66,7 +66,7 @@ impl Inbox {
         let handle = tokio::spawn(async move {
             while let Some(delivery) = rx.recv().await {
                 let result = self.handle(delivery).await;
-                let ok = result.status == DeliveryStatus::Ok as i32;
+                let ok = result.status() == DeliveryStatus::Ok;
                 let frame = SessionRequest {
                     frame: Some(OutFrame::DeliveryResult(result)),
                 };

@@ -234,6 +234,9 @@ impl Link {
         tracing::info!(server = %endpoint.uri(), agent_id = %self.cfg.agent_id, "connected to the DMR server");
 
         let (deliveries, worker) = inbox.clone().start_stream_worker(tx.clone());
+        // `None` once the server announced the end of the stream: no new delivery will come.
+        let mut deliveries = Some(deliveries);
+        let mut tx = Some(tx);
         let mut full_list = Vec::new();
         let result = loop {
             let message = tokio::select! {
@@ -273,9 +276,26 @@ impl Link {
                 }
                 Some(InFrame::Delivery(d)) => {
                     self.metrics.events_received.with_label_values(&["delivery"]).inc();
+                    let Some(deliveries) = &deliveries else {
+                        tracing::warn!(
+                            "delivery after the server announced the end of the stream; ignored (it returns to the queue)"
+                        );
+                        continue;
+                    };
                     if deliveries.send(d).await.is_err() {
                         break Err("delivery worker stopped".into());
                     }
+                }
+                Some(InFrame::Closing(c)) => {
+                    // Send nothing more here: new sends answer 503 until the next stream, and our
+                    // side closes once the delivery in hand is answered (the worker holds the last
+                    // sender). The server answers every send already written, then ends the stream.
+                    tracing::info!(server = %endpoint.uri(), reason = %c.reason, "the server is closing this stream");
+                    self.metrics.events_received.with_label_values(&["closing"]).inc();
+                    *self.outbound.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+                    self.connected.send_replace(false);
+                    drop(tx.take());
+                    deliveries = None;
                 }
                 Some(InFrame::SendResult(r)) => {
                     self.metrics.events_received.with_label_values(&["send_result"]).inc();

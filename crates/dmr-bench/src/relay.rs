@@ -119,7 +119,7 @@ fn spawn_result_reader(mut session: RawSession, shared: Arc<Shared>) -> tokio::t
             if let Some(sent) = lock(&shared.awaiting_result).remove(&r.correlation_id) {
                 lock(&shared.accept_latencies).push(now.duration_since(sent));
             }
-            if r.status == SendStatus::Accepted as i32 {
+            if r.status() == SendStatus::Accepted {
                 shared.accepted.fetch_add(1, Ordering::SeqCst);
             } else {
                 shared.refused.fetch_add(1, Ordering::SeqCst);

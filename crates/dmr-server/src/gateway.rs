@@ -15,7 +15,7 @@ use dmr::proto::session_request::Frame as InFrame;
 use dmr::proto::session_response::Frame as OutFrame;
 use dmr::proto::{
     AgentInfo, Delivery, DeliveryResult, DeliveryStatus, DirectoryUpdate, ListAgentsRequest, ListAgentsResponse, Pong,
-    SessionRequest, SessionResponse,
+    SessionClosing, SessionRequest, SessionResponse,
 };
 use futures::StreamExt as _;
 use std::sync::Arc;
@@ -241,6 +241,15 @@ impl Transport for GrpcTransport {
             frame: Some(OutFrame::Pong(Pong { nonce })),
         };
         let _ = self.tx.send(Ok(pong)).await;
+    }
+
+    const ANNOUNCES_CLOSE: bool = true;
+
+    async fn closing(&self, reason: CloseReason) {
+        let closing = SessionClosing {
+            reason: reason.as_str().to_owned(),
+        };
+        let _ = self.send(OutFrame::Closing(closing), "closing").await;
     }
 
     async fn close(&self, reason: CloseReason) {

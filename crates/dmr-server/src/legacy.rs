@@ -51,6 +51,10 @@ pub mod events {
 /// Events a legacy socket may have waiting for its session (sends beyond it get an error ack).
 const INBOUND_QUEUED: usize = 256;
 
+/// How long a shutting-down legacy session waits, after answering its last sends, before it
+/// disconnects the socket (see [`SocketTransport::close`]).
+const FLUSH_BEFORE_DISCONNECT: Duration = Duration::from_millis(500);
+
 /// How long after a legacy session starts a `DECRYPTION_FAILED` is taken for the original agent's
 /// start-up race (it stores the directory asynchronously) and redelivered instead of recorded.
 const STARTUP_RACE_WINDOW: Duration = Duration::from_secs(10);
@@ -375,6 +379,11 @@ impl Transport for SocketTransport {
 
     async fn close(&self, reason: CloseReason) {
         tracing::debug!(reason = reason.as_str(), "closing legacy socket");
+        if reason == CloseReason::ShuttingDown {
+            // Closing the socket drops the packets engine.io has not written or the client has not
+            // polled yet — the answers to its last sends among them. Give them time to leave.
+            tokio::time::sleep(FLUSH_BEFORE_DISCONNECT).await;
+        }
         if self.socket.connected() {
             let _ = self.socket.clone().disconnect();
         }

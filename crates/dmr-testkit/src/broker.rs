@@ -185,6 +185,20 @@ impl BrokerProbe {
         }
     }
 
+    /// Waits until `queue` holds at least `n` ready messages; false if it did not within `timeout`.
+    pub async fn wait_queue_len_at_least(&self, queue: &str, n: u32, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.queue_len(queue).await.is_some_and(|len| len >= n) {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Takes every message from `queue` (acking them) and returns their JSON bodies.
     pub async fn drain(&self, queue: &str) -> Vec<Value> {
         let ch = self.conn.create_channel().await.expect("channel");

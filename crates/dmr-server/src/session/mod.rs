@@ -145,6 +145,14 @@ pub trait Transport: Send + Sync + 'static {
     fn answer(&self, reply: Self::Reply, outcome: &SendOutcome) -> impl Future<Output = ()> + Send;
     /// Echoes a ping.
     fn pong(&self, nonce: u64) -> impl Future<Output = ()> + Send;
+    /// True if the transport can ask the agent to stop sending and close its side
+    /// ([`Transport::closing`]); the drain then also waits for the agent's end of stream, so that
+    /// every send it wrote is read and answered.
+    const ANNOUNCES_CLOSE: bool = false;
+    /// Tells the agent the session is ending (see [`Transport::ANNOUNCES_CLOSE`]).
+    fn closing(&self, _reason: CloseReason) -> impl Future<Output = ()> + Send {
+        async {}
+    }
     /// Ends the connection, telling the agent why where the transport can.
     fn close(&self, reason: CloseReason) -> impl Future<Output = ()> + Send;
     /// For how long after the session starts a `DECRYPTION_FAILED` answer may be a start-up race of
@@ -218,13 +226,19 @@ where
         abort.cancel();
     }
     let mut wire_open = !reason.wire_gone();
+    // On a shutdown, an agent that can be told so stops sending and closes its side: read until
+    // then, so that a send already on its way is answered (unavailable) instead of cut off.
+    let await_half_close = T::ANNOUNCES_CLOSE && reason == CloseReason::ShuttingDown && wire_open;
+    if await_half_close {
+        transport.closing(reason).await;
+    }
     let mut deliveries_done = false;
     let grace = tokio::time::sleep(core.cfg.shutdown_timeout());
     tokio::pin!(grace);
     let sends_done = sends.finish();
     tokio::pin!(sends_done);
     let mut sends_answered = false;
-    while !(deliveries_done && sends_answered) {
+    while !(deliveries_done && sends_answered && !(await_half_close && wire_open)) {
         tokio::select! {
             _ = &mut deliveries, if !deliveries_done => deliveries_done = true,
             () = &mut sends_done, if !sends_answered => sends_answered = true,
