@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
@@ -71,7 +71,20 @@ pub fn server_config(cert: &Path, key: &Path, client_ca: &Path) -> Result<Arc<ru
     Ok(Arc::new(config))
 }
 
+/// TLS handshakes in progress at once; further connections wait in the listen backlog.
+const MAX_CONCURRENT_HANDSHAKES: usize = 256;
+/// How long a client may take to complete its handshake (or to send its first byte).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// At most one warning per this period about refused handshakes; the rest go to debug level.
+const REFUSAL_LOG_PERIOD: Duration = Duration::from_secs(10);
+
 /// Accepts TCP connections and yields completed TLS sessions; stops when `stop` fires.
+///
+/// At most [`MAX_CONCURRENT_HANDSHAKES`] handshakes run at once (the permit travels with each
+/// handshake task), so a flood of slow or hostile clients cannot exhaust the server. A connection
+/// that closes or stays silent without starting TLS (a TCP probe, a load-balancer check) is counted
+/// apart (`dmr_tls_probe_connections_total`) and logged at debug level; refused handshakes are
+/// counted each and logged at most once per [`REFUSAL_LOG_PERIOD`].
 pub fn incoming(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
@@ -81,8 +94,14 @@ pub fn incoming(
     // Bounded: when tonic stops taking connections the accept loop waits instead of piling them up.
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
+    let handshakes = Arc::new(Semaphore::new(MAX_CONCURRENT_HANDSHAKES));
+    let refusals = Arc::new(RefusalLog::default());
     tokio::spawn(async move {
         loop {
+            let permit = tokio::select! {
+                () = stop.cancelled() => break,
+                p = handshakes.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            };
             let accepted = tokio::select! {
                 () = stop.cancelled() => break,
                 a = listener.accept() => a,
@@ -96,23 +115,56 @@ pub fn incoming(
                 }
             };
             let _ = tcp.set_nodelay(true);
-            let (acceptor, tx, metrics) = (acceptor.clone(), tx.clone(), metrics.clone());
+            let (acceptor, tx, metrics, refusals) = (acceptor.clone(), tx.clone(), metrics.clone(), refusals.clone());
             tokio::spawn(async move {
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                let _permit = permit;
+                if !starts_talking(&tcp).await {
+                    metrics.tls_probes.inc();
+                    tracing::debug!(%peer, "connection closed or silent before TLS started (probe)");
+                    return;
+                }
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
                         let _ = tx.send(Ok(tls)).await;
                     }
                     Ok(Err(e)) => {
                         metrics.socket_errors.inc();
                         metrics.auth_failures.with_label_values(&["tls_handshake"]).inc();
-                        tracing::warn!(%peer, error = %e, "TLS handshake refused");
+                        refusals.report(&peer, &e);
                     }
-                    Err(_) => tracing::warn!(%peer, "TLS handshake timed out"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                 }
             });
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// True once the client sent a first byte; false if it closed or stayed silent.
+async fn starts_talking(tcp: &TcpStream) -> bool {
+    let mut first = [0u8; 1];
+    matches!(tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await, Ok(Ok(n)) if n > 0)
+}
+
+/// Rate-limited logging of refused handshakes (a port scan must not flood the log).
+#[derive(Default)]
+struct RefusalLog {
+    state: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl RefusalLog {
+    fn report(&self, peer: &std::net::SocketAddr, e: &std::io::Error) {
+        let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (last, suppressed) = &mut *state;
+        if last.is_some_and(|t| t.elapsed() < REFUSAL_LOG_PERIOD) {
+            *suppressed += 1;
+            tracing::debug!(%peer, error = %e, "TLS handshake refused");
+            return;
+        }
+        tracing::warn!(%peer, error = %e, suppressed_since_last_warning = *suppressed, "TLS handshake refused");
+        *last = Some(std::time::Instant::now());
+        *suppressed = 0;
+    }
 }
 
 /// Why an agent's certificate does not identify an agent.

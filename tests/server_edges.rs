@@ -1,0 +1,199 @@
+//! The server at its edges, as operators meet it: started before CentOps answers, wrong broker
+//! credentials, probes that never speak TLS, an endpoint that is down for a moment, and a dead
+//! letter that says why.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use lapin::options::BasicGetOptions;
+use std::time::{Duration, Instant};
+use support::*;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn health(ca: &str, creds: &dmr_pki::AgentCredentials, server: std::net::SocketAddr) -> ServingStatus {
+    let channel = support::session::connect(ca, &creds.cert_pem, &creds.key_pem, server)
+        .await
+        .unwrap();
+    let answer = HealthClient::new(channel)
+        .check(HealthCheckRequest { service: String::new() })
+        .await
+        .unwrap();
+    answer.into_inner().status()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_starts_without_centops_is_not_ready_refuses_agents_clearly_then_serves() {
+    init();
+    let guard = QueueGuard::new(&rabbit_config());
+    let pki = TestPki::new();
+    let (a, b) = (pki.agent("A"), pki.agent("B"));
+    guard.track_agent(&a.id);
+    guard.track_agent(&b.id);
+    let centops = CentOpsStub::start().await;
+    centops.serve(503, "down for maintenance");
+    let vf_queue = format!("validation-failures-test-{}", uuid::Uuid::new_v4());
+    guard.track(&vf_queue);
+    let mut cfg = server_config(&pki, &pki.write_centops(&[&a, &b]), &vf_queue);
+    cfg.centops_configuration_url = centops.url.clone();
+    cfg.centops_request_timeout_ms = 500;
+    let mut server = start_server(cfg).await;
+    let http = reqwest::Client::new();
+    let ready = format!("http://{}/ready", server.http);
+    let r = http.get(&ready).send().await.unwrap();
+    assert_eq!(r.status(), 503, "not ready without a directory");
+    assert!(r.headers().contains_key("retry-after"));
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["directoryLoaded"], false);
+    let ca = std::fs::read_to_string(&pki.ca_file).unwrap();
+    assert_eq!(
+        health(&ca, &a, server.grpc).await,
+        ServingStatus::NotServing,
+        "grpc.health agrees with /ready"
+    );
+    let refused = support::session::open_session(&ca, &a, server.grpc)
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        refused.to_string().contains("not loaded the agent directory"),
+        "{refused}"
+    );
+
+    // CentOps comes back: the retrying first load succeeds, and everything serves.
+    centops.serve_agents(&[&a, &b]);
+    let deadline = Instant::now() + WAIT;
+    while http.get(&ready).send().await.unwrap().status() != 200 {
+        assert!(Instant::now() < deadline, "never became ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(health(&ca, &a, server.grpc).await, ServingStatus::Serving);
+    support::session::open_session(&ca, &a, server.grpc)
+        .await
+        .expect("admitted");
+    let failures = server.core.metrics.render();
+    assert!(
+        failures.contains("dmr_centops_refresh_failures_total{kind=\"http_status\"}"),
+        "each failure counted"
+    );
+    server.stop.cancel();
+    let _ = (&mut server.task).await;
+    guard.delete_now().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_broker_credentials_stop_the_server_at_start_naming_user_and_vhost() {
+    init();
+    let pki = TestPki::new();
+    let a = pki.agent("A");
+    let mut cfg = server_config(&pki, &pki.write_centops(&[&a]), "unused");
+    cfg.rabbitmq.user = "nobody-here".into();
+    cfg.rabbitmq.pass = "wrong-password-123".into();
+    let err = dmr_server::Server::bind(cfg)
+        .await
+        .err()
+        .expect("refused at start")
+        .to_string();
+    assert!(
+        err.contains("nobody-here") && err.contains("RABBITMQ_DEFAULT_USER"),
+        "{err}"
+    );
+    assert!(err.contains("virtual host \"/\""), "{err}");
+    assert!(
+        !err.contains("wrong-password-123"),
+        "the password is never shown: {err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_probe_is_not_an_authentication_failure() {
+    let relay = Relay::start().await;
+    let metrics = &relay.server.core.metrics;
+    let failures_before = metrics.auth_failures.with_label_values(&["tls_handshake"]).get();
+    for _ in 0..3 {
+        drop(tokio::net::TcpStream::connect(relay.server.grpc).await.unwrap());
+    }
+    let deadline = Instant::now() + WAIT;
+    while metrics.tls_probes.get() < 3 {
+        assert!(Instant::now() < deadline, "probes not counted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        metrics.auth_failures.with_label_values(&["tls_handshake"]).get(),
+        failures_before,
+        "not counted as refused authentications"
+    );
+    relay.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_endpoint_outage_does_not_dead_letter() {
+    // The documented defaults: no attempt limit, a retry budget of minutes.
+    let relay = Relay::start_with(|cfg| cfg.message_delivery_max_attempts = 0).await;
+    relay.sink_a.set_status(500);
+    let m = seed_message(&relay.a.id);
+    assert_eq!(relay.post_to_b(&m).await.0, 200);
+    let deadline = Instant::now() + WAIT;
+    while relay.sink_a.hits.load(std::sync::atomic::Ordering::SeqCst) < 3 {
+        assert!(Instant::now() < deadline, "no delivery attempts");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The endpoint restarts: about a second of failures, then it answers again.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    relay.sink_a.set_status(200);
+    let got = relay.sink_a.wait_for(1, WAIT).await;
+    assert_eq!(got.len(), 1, "delivered once the endpoint is back");
+    assert_eq!(
+        relay.probe.queue_len(&format!("{}.dlq", relay.a.id)).await,
+        Some(0),
+        "nothing dead-lettered"
+    );
+    relay.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_carries_the_last_error() {
+    let relay = Relay::start_with(|cfg| {
+        cfg.message_delivery_max_attempts = 0;
+        cfg.message_delivery_retry_budget_ms = 300;
+    })
+    .await;
+    relay.sink_a.set_status(503);
+    let m = seed_message(&relay.a.id);
+    assert_eq!(relay.post_to_b(&m).await.0, 200);
+    let dlq = format!("{}.dlq", relay.a.id);
+    assert_eq!(relay.probe.wait_queue_len(&dlq, 1, WAIT).await, Some(1));
+    let conn = lapin::Connection::connect(&rabbit_config().uri(), lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let dead = ch
+        .basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("the dead letter");
+    let headers = dead.delivery.properties.headers().clone().unwrap_or_default();
+    let header = |name: &str| {
+        headers
+            .inner()
+            .get(name)
+            .map(|v| match v {
+                lapin::types::AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+                other => format!("{other:?}"),
+            })
+            .unwrap_or_else(|| panic!("header {name} missing: {headers:?}"))
+    };
+    let last_error = header("x-dmr-last-error");
+    assert!(
+        last_error.contains("DELIVERY_FAILED") && last_error.contains("503"),
+        "{last_error}"
+    );
+    assert!(header("x-dmr-dead-letter-reason").contains("delivery-failed"));
+    let body: serde_json::Value = serde_json::from_slice(&dead.delivery.data).unwrap();
+    assert_eq!(body["id"], m["id"], "the original envelope");
+    let _ = conn.close(200, "done".into()).await;
+    relay.finish().await;
+}
