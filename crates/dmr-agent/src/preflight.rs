@@ -28,7 +28,19 @@ pub fn check(cfg: &AgentConfig, key: &PrivateKey, cert_pem: &str, ca_pem: &str) 
     for url in &cfg.dmr_server_grpc_url {
         check_server_url(url.trim())?;
     }
-    check_endpoint(&cfg.outgoing_message_endpoint)
+    check_endpoint(&cfg.outgoing_message_endpoint)?;
+    check_delays(cfg)
+}
+
+/// Cross-field checks of durations.
+fn check_delays(cfg: &AgentConfig) -> Result<(), StartError> {
+    if cfg.reconnection_delay_ms > cfg.reconnection_delay_max_ms {
+        return Err(StartError::Config(format!(
+            "WEBSOCKET_RECONNECTION_DELAY ({} ms) must not exceed WEBSOCKET_RECONNECTION_DELAY_MAX ({} ms)",
+            cfg.reconnection_delay_ms, cfg.reconnection_delay_max_ms
+        )));
+    }
+    Ok(())
 }
 
 fn check_certificate(cfg: &AgentConfig, key: &PrivateKey, cert_pem: &str) -> Result<(), StartError> {
@@ -173,6 +185,22 @@ mod tests {
             let e = check_server_url(bad).unwrap_err();
             assert!(e.to_string().starts_with("DMR_SERVER_GRPC_URL"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn the_first_reconnection_delay_must_not_exceed_the_largest() {
+        let mut cfg = crate::config::AgentConfig::new(
+            "d3b07384-d9a0-4c3f-a4e2-123456789abc".into(),
+            "key.pem".into(),
+            "cert.pem".into(),
+            "ca.pem".into(),
+            "https://localhost:8076".into(),
+            "http://localhost:9/in".into(),
+        );
+        assert!(super::check_delays(&cfg).is_ok());
+        cfg.reconnection_delay_ms = 10_000;
+        let err = super::check_delays(&cfg).unwrap_err().to_string();
+        assert!(err.contains("WEBSOCKET_RECONNECTION_DELAY_MAX"), "{err}");
     }
 
     #[test]

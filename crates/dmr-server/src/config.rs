@@ -105,13 +105,9 @@ pub struct LegacyConfig {
 }
 
 impl Default for LegacyConfig {
+    /// The defaults written in the definitions above (the environment is not read).
     fn default() -> Self {
-        Self {
-            namespace: "/v1/dmr-agent-events".into(),
-            max_disconnection_duration_ms: 120_000,
-            last_token_ttl_ms: 604_800_000,
-            expired_token_grace_ms: 0,
-        }
+        defaults_with(&[])
     }
 }
 
@@ -212,22 +208,9 @@ impl std::fmt::Debug for RabbitConfig {
 }
 
 impl Default for RabbitConfig {
+    /// The defaults written in the definitions above (the environment is not read).
     fn default() -> Self {
-        Self {
-            host: "127.0.0.1".into(),
-            port: 5672,
-            user: "guest".into(),
-            pass: "guest".into(),
-            vhost: "/".into(),
-            ttl_ms: 300_000,
-            dlq_ttl_ms: 86_400_000,
-            validation_failures_ttl_ms: 86_400_000,
-            validation_failures_queue: "validation-failures".into(),
-            reconnect_interval_ms: 5000,
-            prefetch_count: 16,
-            consumers_per_connection: 1000,
-            consumer_check_interval_ms: 30_000,
-        }
+        defaults_with(&[])
     }
 }
 
@@ -271,28 +254,79 @@ fn enc(s: &str) -> String {
         .collect()
 }
 
+/// Settings that are each valid but do not make sense (together).
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {}", .0.join("; "))]
+pub struct ConfigError(pub Vec<String>);
+
+/// Parses `args` as flags only, ignoring the environment: the defaults written in the clap
+/// definitions, plus what `args` sets. Only ever called with the flags of the callers above, which
+/// the definitions accept, so a failure is a bug in this file.
+fn defaults_with<T: clap::Args + clap::FromArgMatches>(args: &[std::ffi::OsString]) -> T {
+    let command = T::augment_args(clap::Command::new("defaults").no_binary_name(true)).mut_args(|a| a.env(None));
+    command
+        .try_get_matches_from(args)
+        .and_then(|m| T::from_arg_matches(&m))
+        .unwrap_or_else(|e| panic!("the configuration's own defaults do not parse: {e}"))
+}
+
 impl ServerConfig {
     /// A configuration with the documented defaults and the given files (used by `dmr dev` and tests).
+    /// The defaults come from the definitions above: each is written once.
     pub fn new(tls_cert_file: PathBuf, tls_key_file: PathBuf, tls_client_ca_file: PathBuf, centops: String) -> Self {
-        Self {
-            port: 8075,
-            grpc_port: 8076,
-            bind_address: "0.0.0.0".into(),
-            tls_cert_file,
-            tls_key_file,
-            tls_client_ca_file,
-            centops_configuration_url: centops,
-            centops_request_timeout_ms: 10_000,
-            centops_configuration_cron_time: "*/30 * * * *".into(),
-            centops_file_poll_interval_ms: 2000,
-            rabbitmq: RabbitConfig::default(),
-            message_delivery_timeout_ms: 2000,
-            message_delivery_max_attempts: 0,
-            message_delivery_retry_delay_ms: 200,
-            message_delivery_retry_budget_ms: 120_000,
-            message_max_payload_bytes: 1_048_576,
-            shutdown_timeout_ms: 10_000,
-            legacy: LegacyConfig::default(),
+        defaults_with(&[
+            "--tls-cert-file".into(),
+            tls_cert_file.into_os_string(),
+            "--tls-key-file".into(),
+            tls_key_file.into_os_string(),
+            "--tls-client-ca-file".into(),
+            tls_client_ca_file.into_os_string(),
+            "--centops-configuration-url".into(),
+            centops.into(),
+        ])
+    }
+
+    /// Checks what clap cannot see field by field; every problem is reported, each naming its
+    /// variable.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        let mut require = |ok: bool, problem: &str| {
+            if !ok {
+                problems.push(problem.to_owned());
+            }
+        };
+        require(
+            self.message_delivery_timeout_ms > 0,
+            "MESSAGE_DELIVERY_TIMEOUT_MS must be above 0",
+        );
+        require(
+            self.centops_request_timeout_ms > 0,
+            "CENTOPS_REQUEST_TIMEOUT_MS must be above 0",
+        );
+        require(
+            self.message_max_payload_bytes > 0,
+            "MESSAGE_MAX_PAYLOAD_BYTES must be above 0",
+        );
+        require(
+            self.rabbitmq.prefetch_count > 0,
+            "RABBITMQ_PREFETCH_COUNT must be above 0 (0 would mean no limit)",
+        );
+        require(
+            self.rabbitmq.reconnect_interval_ms > 0,
+            "RABBITMQ_DEFAULT_DEFAULT_RECONNECT_INTERVAL must be above 0",
+        );
+        require(
+            u32::try_from(self.legacy.last_token_ttl_ms).is_ok(),
+            "WEB_SOCKET_LAST_TOKEN_TTL_MS must fit RabbitMQ's 32-bit message TTL (at most 4294967295)",
+        );
+        require(
+            self.message_delivery_max_attempts > 0 || self.message_delivery_retry_budget_ms > 0,
+            "MESSAGE_DELIVERY_MAX_ATTEMPTS and MESSAGE_DELIVERY_RETRY_BUDGET_MS cannot both be 0 (a failing message would be retried forever)",
+        );
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError(problems))
         }
     }
 
@@ -314,5 +348,47 @@ impl ServerConfig {
     /// The shutdown grace period.
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_millis(self.shutdown_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ServerConfig;
+
+    fn config() -> ServerConfig {
+        ServerConfig::new("c".into(), "k".into(), "ca".into(), "centops.json".into())
+    }
+
+    #[test]
+    fn defaults_come_from_the_definitions() {
+        let cfg = config();
+        assert_eq!((cfg.port, cfg.grpc_port), (8075, 8076));
+        assert_eq!(cfg.message_delivery_retry_budget_ms, 120_000);
+        assert_eq!(cfg.rabbitmq.vhost, "/");
+        assert_eq!(cfg.rabbitmq.consumers_per_connection, 1000);
+        assert_eq!(cfg.legacy.namespace, "/v1/dmr-agent-events");
+        assert_eq!(cfg.centops_configuration_url, "centops.json");
+        assert!(cfg.check().is_ok());
+    }
+
+    #[test]
+    fn the_vhost_is_one_percent_encoded_path_segment() {
+        let mut cfg = config();
+        assert!(cfg.rabbitmq.uri().ends_with("/%2F"));
+        cfg.rabbitmq.vhost = "team/dmr".into();
+        assert!(cfg.rabbitmq.uri().ends_with("/team%2Fdmr"));
+    }
+
+    #[test]
+    fn contradictions_are_refused_together_naming_each_variable() {
+        let mut cfg = config();
+        cfg.rabbitmq.prefetch_count = 0;
+        cfg.message_delivery_max_attempts = 0;
+        cfg.message_delivery_retry_budget_ms = 0;
+        let err = cfg.check().unwrap_err().to_string();
+        assert!(
+            err.contains("RABBITMQ_PREFETCH_COUNT") && err.contains("MESSAGE_DELIVERY_RETRY_BUDGET_MS"),
+            "{err}"
+        );
     }
 }

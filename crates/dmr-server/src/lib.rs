@@ -39,6 +39,9 @@ pub enum StartError {
     /// TLS files are missing or invalid.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    /// Settings contradict each other.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
     /// The refresh schedule is invalid.
     #[error(transparent)]
     Schedule(#[from] directory::ScheduleError),
@@ -111,6 +114,7 @@ impl Server {
     /// binds both ports (port 0 picks a free one). A directory that cannot be loaded yet is not an
     /// error: the server starts not-ready and keeps trying (see [`directory::run_refresh`]).
     pub async fn bind(cfg: ServerConfig) -> Result<Self, StartError> {
+        cfg.check()?;
         let tls = tls::server_config(&cfg.tls_cert_file, &cfg.tls_key_file, &cfg.tls_client_ca_file)?;
         let schedule = directory::parse_schedule(&cfg.centops_configuration_cron_time)?;
         let metrics = Arc::new(Metrics::new());

@@ -107,7 +107,7 @@ impl Metrics {
                 option_env!("DMR_BUILD_COMMIT").unwrap_or("unknown"),
             ])
             .set(1);
-        Self {
+        let metrics = Self {
             build_info,
             connections_active: reg!(gauge(
                 "dmr_socket_connections_active",
@@ -199,8 +199,25 @@ impl Metrics {
                 "Connections to the gRPC port that never started TLS (probes, health checks)"
             )),
             registry,
+        };
+        for kind in Self::CENTOPS_FAILURE_KINDS {
+            metrics.centops_failures.with_label_values(&[kind]);
         }
+        metrics
     }
+
+    /// Every kind of failed directory refresh (see `directory::LoadError::kind`), exported as 0 from
+    /// the start so that rate() and alerts see the series before the first failure.
+    pub const CENTOPS_FAILURE_KINDS: [&'static str; 8] = [
+        "unreachable",
+        "timeout",
+        "http_status",
+        "invalid_json",
+        "duplicate_id",
+        "bad_id",
+        "bad_key",
+        "file_unreadable",
+    ];
 
     /// The text exposition of every metric.
     pub fn render(&self) -> String {
