@@ -11,14 +11,14 @@
 
 pub mod broker;
 pub mod config;
-pub mod delivery;
+pub(crate) mod delivery;
 pub mod directory;
-pub mod gateway;
-pub mod http;
-pub mod legacy;
+pub(crate) mod gateway;
+pub(crate) mod http;
+pub(crate) mod legacy;
 pub mod metrics;
-pub mod router;
-pub mod session;
+pub(crate) mod router;
+pub(crate) mod session;
 pub mod tls;
 
 use broker::Broker;
