@@ -283,3 +283,27 @@ async fn an_original_agent_with_its_expired_startup_token_comes_back_within_the_
     // bad_expired_wrong_key_and_unknown_agent_tokens_are_refused.)
     relay.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_events_get_an_error_ack_not_silence() {
+    let (relay, extra) = Relay::start_full(1, |_| {}).await;
+    let c = &extra[0];
+    let sink = Sink::start().await;
+    let mut legacy = LegacyAgent::spawn(relay.server.http, c, &sink.url, &[]).await;
+    connected(&mut legacy).await;
+    for kind in ["binary", "surrogate", "deep"] {
+        let (status, ack) = post(&relay.http, &legacy.url("/raw-emit"), &json!({"kind": kind})).await;
+        assert_eq!(status, 200, "{kind}: no ack at all: {ack}");
+        assert_eq!(ack["status"], "error", "{kind}: {ack}");
+        assert!(
+            ack["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{kind}: the reason: {ack}"
+        );
+    }
+    // And the socket still works.
+    let m = seed_message(&c.id);
+    assert_eq!(relay.post_to_b(&m).await.0, 200);
+    assert_eq!(sink.wait_for(1, WAIT).await.len(), 1);
+    legacy.kill().await;
+    relay.finish().await;
+}

@@ -143,6 +143,18 @@ const server = http.createServer(async (req, res) => {
       const payload = await encrypt(body.payload, recipient.authenticationCertificate);
       [status, answer] = await emit({ id: body.id, type: body.type, payload, recipientId: body.recipientId, senderId: agentId, timestamp: body.timestamp });
     }
+  } else if (req.method === 'POST' && req.url === '/raw-emit') {
+    // test hook: emit a malformed send (binary attachment, lone surrogate, deep nesting) and return its ack
+    let data;
+    if (body.kind === 'binary') data = Buffer.from([1, 2, 3]);
+    else if (body.kind === 'surrogate') data = { id: '\ud800', payload: 'x' };
+    else { data = []; for (let i = 0; i < 300; i++) data = [data]; }
+    try {
+      answer = await socket.timeout(timeoutMs).emitWithAck('dmr:agents:message-to-dmr-server', data);
+      status = 200;
+    } catch (e) {
+      [status, answer] = [504, { message: String(e.message || e) }];
+    }
   } else if (req.method === 'POST' && req.url === '/raw-envelope') {
     [status, answer] = await emit(body); // test hook: send an envelope exactly as given
   }
