@@ -206,3 +206,50 @@ async fn a_rekeyed_agents_last_token_is_refused() {
     replay.kill().await;
     relay.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_in_flight_at_shutdown_is_answered_so_the_restart_does_not_repeat_it() {
+    let (http_port, grpc_port) = (support::processes::free_port(), support::processes::free_port());
+    let (mut relay, extra) = Relay::start_full(1, |cfg| {
+        cfg.port = http_port;
+        cfg.grpc_port = grpc_port;
+    })
+    .await;
+    let c = &extra[0];
+    let sink_c = Sink::start().await;
+    // The original agent has no duplicate suppression: a repeated delivery reaches its endpoint twice.
+    let mut legacy = LegacyAgent::spawn(relay.server.http, c, &sink_c.url, &[]).await;
+    session(&mut legacy).await;
+    sink_c.set_delay(Duration::from_millis(800));
+    let m = seed_message(&c.id);
+    assert_eq!(relay.post_to_b(&m).await.0, 200);
+    let deadline = std::time::Instant::now() + WAIT;
+    while sink_c.hits.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(std::time::Instant::now() < deadline, "never delivered");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // SIGTERM's path while the endpoint is still handling it.
+    let cfg = relay.server.core.cfg.clone();
+    relay.server.stop.cancel();
+    while !relay.server.task.is_finished() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sink_c.set_delay(Duration::ZERO);
+    relay.server = start_server(cfg).await;
+    session(&mut legacy).await;
+    // A second copy would come at once after the reconnection: wait long enough to see it (this
+    // sleep backs a negative check), and prove the agent is served again.
+    let later = seed_message(&c.id);
+    relay.agent_b.wait_connected().await;
+    assert_eq!(relay.post_to_b(&later).await.0, 200);
+    let got = sink_c.wait_for(2, WAIT).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let ids: Vec<Value> = sink_c.messages().iter().map(|m| m["id"].clone()).collect();
+    assert_eq!(
+        ids,
+        vec![m["id"].clone(), later["id"].clone()],
+        "each exactly once: {got:?}"
+    );
+    legacy.kill().await;
+    relay.finish().await;
+}
