@@ -81,7 +81,8 @@ impl std::fmt::Debug for AgentConfig {
 }
 
 impl AgentConfig {
-    /// A configuration with the documented defaults (used by `dmr dev` and tests).
+    /// A configuration with the documented defaults (used by `dmr dev` and tests). The defaults
+    /// come from the definitions above, with the environment ignored: each is written once.
     pub fn new(
         agent_id: String,
         key_file: PathBuf,
@@ -90,26 +91,25 @@ impl AgentConfig {
         server: String,
         endpoint: String,
     ) -> Self {
-        Self {
-            port: 8077,
-            bind_address: "0.0.0.0".into(),
-            agent_id,
-            agent_private_key: None,
-            agent_private_key_file: Some(key_file),
-            tls_cert_file: cert_file,
-            tls_ca_file: ca_file,
-            dmr_server_grpc_url: vec![server],
-            dmr_server_tls_name: None,
-            outgoing_message_endpoint: endpoint,
-            outgoing_message_timeout_ms: 1500,
-            message_delivery_timeout_ms: 2000,
-            reconnection_delay_ms: 1000,
-            reconnection_delay_max_ms: 5000,
-            message_max_bytes: 102_400,
-            duplicate_suppression_window: 100_000,
-            shutdown_timeout_ms: 10_000,
-            cors_allowed_origins: Vec::new(),
-        }
+        let flag = |name: &str, value: std::ffi::OsString| {
+            let mut arg = std::ffi::OsString::from(format!("--{name}="));
+            arg.push(value);
+            arg
+        };
+        let args = [
+            flag("agent-id", agent_id.into()),
+            flag("agent-private-key-file", key_file.into_os_string()),
+            flag("tls-cert-file", cert_file.into_os_string()),
+            flag("tls-ca-file", ca_file.into_os_string()),
+            flag("dmr-server-grpc-url", server.into()),
+            flag("outgoing-message-endpoint", endpoint.into()),
+        ];
+        let command = <Self as clap::Args>::augment_args(clap::Command::new("defaults").no_binary_name(true))
+            .mut_args(|a| a.env(None));
+        command
+            .try_get_matches_from(args)
+            .and_then(|m| <Self as clap::FromArgMatches>::from_arg_matches(&m))
+            .unwrap_or_else(|e| panic!("the agent configuration's own defaults do not parse: {e}"))
     }
 
     /// The private key PEM, from the variable or the file.

@@ -197,6 +197,12 @@ mod tests {
             "https://localhost:8076".into(),
             "http://localhost:9/in".into(),
         );
+        assert_eq!(
+            (cfg.reconnection_delay_ms, cfg.reconnection_delay_max_ms),
+            (1000, 5000),
+            "the documented defaults"
+        );
+        assert_eq!(cfg.dmr_server_grpc_url, vec!["https://localhost:8076".to_owned()]);
         assert!(super::check_delays(&cfg).is_ok());
         cfg.reconnection_delay_ms = 10_000;
         let err = super::check_delays(&cfg).unwrap_err().to_string();
