@@ -29,20 +29,7 @@ async fn a_killed_server_costs_only_a_connection_to_the_next() {
     let logs = tempfile::tempdir().unwrap();
     let ports: Vec<(u16, u16)> = (0..2).map(|_| (free_port(), free_port())).collect();
     let rabbit = rabbit_config();
-    let server_env = |i: usize| -> Vec<(String, String)> {
-        vec![
-            ("PORT".into(), ports[i].0.to_string()),
-            ("GRPC_PORT".into(), ports[i].1.to_string()),
-            ("BIND_ADDRESS".into(), "127.0.0.1".into()),
-            ("TLS_CERT_FILE".into(), pki.server_cert.display().to_string()),
-            ("TLS_KEY_FILE".into(), pki.server_key.display().to_string()),
-            ("TLS_CLIENT_CA_FILE".into(), pki.ca_file.display().to_string()),
-            ("CENTOPS_CONFIGURATION_URL".into(), centops.display().to_string()),
-            ("RABBITMQ_DEFAULT_HOST".into(), rabbit.host.clone()),
-            ("RABBITMQ_DEFAULT_PORT".into(), rabbit.port.to_string()),
-            ("RABBITMQ_VALIDATION_FAILURES_QUEUE".into(), vf.clone()),
-        ]
-    };
+    let server_env = |i: usize| support::processes::server_env(&pki, &centops, ports[i], &rabbit, &vf);
     let mut s1 = DmrProcess::spawn("server-1", "server", &server_env(0), logs.path());
     let mut s2 = DmrProcess::spawn("server-2", "server", &server_env(1), logs.path());
     let http = reqwest::Client::new();

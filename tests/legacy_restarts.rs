@@ -58,14 +58,37 @@ async fn refused(agent: &mut LegacyAgent, reason: &str) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_original_agent_comes_back_after_a_server_restart_and_nothing_is_lost() {
+/// A relay (and one extra agent) whose server listens on fixed ports, so that it can be restarted
+/// where its agents expect it.
+async fn relay_on_fixed_ports() -> (Relay, Vec<dmr_pki::AgentCredentials>) {
     let (http_port, grpc_port) = (support::processes::free_port(), support::processes::free_port());
-    let (mut relay, extra) = Relay::start_full(1, |cfg| {
+    Relay::start_full(1, |cfg| {
         cfg.port = http_port;
         cfg.grpc_port = grpc_port;
     })
-    .await;
+    .await
+}
+
+/// Stops the relay's server the way SIGTERM does; returns its configuration.
+async fn stop_server(relay: &mut Relay) -> dmr_server::config::ServerConfig {
+    let cfg = relay.server.core.cfg.clone();
+    relay.server.stop.cancel();
+    while !relay.server.task.is_finished() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cfg
+}
+
+/// Stops the relay's server and starts a new one with the same configuration (nothing in memory
+/// survives, as with a new process).
+async fn restart_server(relay: &mut Relay) {
+    let cfg = stop_server(relay).await;
+    relay.server = start_server(cfg).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_original_agent_comes_back_after_a_server_restart_and_nothing_is_lost() {
+    let (mut relay, extra) = relay_on_fixed_ports().await;
     let c = &extra[0];
     let sink_c = Sink::start().await;
     let knobs = [("TOKEN_ONCE", "1"), ("TOKEN_TTL", "2"), ("ASYNC_DIRECTORY_MS", "300")];
@@ -76,12 +99,7 @@ async fn an_original_agent_comes_back_after_a_server_restart_and_nothing_is_lost
     assert_eq!(sink_c.wait_for(1, WAIT).await.len(), 1);
     // Its one token expires; then the server restarts (a new process would know nothing either).
     until(now() + 2).await;
-    let cfg = relay.server.core.cfg.clone();
-    relay.server.stop.cancel();
-    while !relay.server.task.is_finished() {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    relay.server = start_server(cfg).await;
+    restart_server(&mut relay).await;
     relay.agent_b.wait_connected().await;
     let messages: Vec<Value> = (0..20).map(|_| seed_message(&c.id)).collect();
     for m in &messages {
@@ -209,12 +227,7 @@ async fn a_rekeyed_agents_last_token_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_in_flight_at_shutdown_is_answered_so_the_restart_does_not_repeat_it() {
-    let (http_port, grpc_port) = (support::processes::free_port(), support::processes::free_port());
-    let (mut relay, extra) = Relay::start_full(1, |cfg| {
-        cfg.port = http_port;
-        cfg.grpc_port = grpc_port;
-    })
-    .await;
+    let (mut relay, extra) = relay_on_fixed_ports().await;
     let c = &extra[0];
     let sink_c = Sink::start().await;
     // The original agent has no duplicate suppression: a repeated delivery reaches its endpoint twice.
@@ -229,11 +242,7 @@ async fn a_delivery_in_flight_at_shutdown_is_answered_so_the_restart_does_not_re
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // SIGTERM's path while the endpoint is still handling it.
-    let cfg = relay.server.core.cfg.clone();
-    relay.server.stop.cancel();
-    while !relay.server.task.is_finished() {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let cfg = stop_server(&mut relay).await;
     sink_c.set_delay(Duration::ZERO);
     relay.server = start_server(cfg).await;
     session(&mut legacy).await;

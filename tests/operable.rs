@@ -274,16 +274,7 @@ async fn a_full_run_logs_ids_as_fields_but_never_payloads_keys_or_tokens() {
         ("LOGGER_LOG_LEVELS", "error,warn,log,debug,verbose"),
         ("LOG_FORMAT", "json"),
     ];
-    let mut env: Vec<(String, String)> = vec![
-        ("PORT".into(), http_port.to_string()),
-        ("GRPC_PORT".into(), grpc_port.to_string()),
-        ("BIND_ADDRESS".into(), "127.0.0.1".into()),
-        ("TLS_CERT_FILE".into(), pki.server_cert.display().to_string()),
-        ("TLS_KEY_FILE".into(), pki.server_key.display().to_string()),
-        ("TLS_CLIENT_CA_FILE".into(), pki.ca_file.display().to_string()),
-        ("CENTOPS_CONFIGURATION_URL".into(), centops.display().to_string()),
-        ("RABBITMQ_VALIDATION_FAILURES_QUEUE".into(), vf.clone()),
-    ];
+    let mut env = support::processes::server_env(&pki, &centops, (http_port, grpc_port), &rabbit_config(), &vf);
     env.extend(verbose.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
     let mut server = DmrProcess::spawn("server", "server", &env, logs.path());
     let sink = Sink::start().await;

@@ -197,3 +197,19 @@ async fn a_dead_letter_carries_the_last_error() {
     let _ = conn.close(200, "done".into()).await;
     relay.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_error_is_not_a_lost_broker_connection() {
+    let relay = Relay::start().await;
+    let broker = &relay.server.core.broker;
+    let missing = format!("no-such-queue-{}", uuid::Uuid::new_v4());
+    let err = broker.consumer_count(&missing).await.err().expect("a missing queue");
+    assert!(err.is_queue_missing(), "typed, not read from the text: {err}");
+    // RabbitMQ closed that channel (NOT_FOUND); the connection must stay up. This sleep backs a
+    // negative check: the supervisor would have reacted within milliseconds.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(broker.is_ready(), "still connected");
+    let m = seed_message(&relay.a.id);
+    assert_eq!(relay.post_to_b(&m).await.0, 200);
+    relay.finish().await;
+}

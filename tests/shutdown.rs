@@ -96,19 +96,8 @@ async fn sigterm_under_load_answers_every_queued_send_and_never_says_outcome_unk
     let logs = tempfile::tempdir().unwrap();
     let (http_port, grpc_port) = (free_port(), free_port());
     let rabbit = rabbit_config();
-    let env: Vec<(String, String)> = vec![
-        ("PORT".into(), http_port.to_string()),
-        ("GRPC_PORT".into(), grpc_port.to_string()),
-        ("BIND_ADDRESS".into(), "127.0.0.1".into()),
-        ("TLS_CERT_FILE".into(), pki.server_cert.display().to_string()),
-        ("TLS_KEY_FILE".into(), pki.server_key.display().to_string()),
-        ("TLS_CLIENT_CA_FILE".into(), pki.ca_file.display().to_string()),
-        ("CENTOPS_CONFIGURATION_URL".into(), centops.display().to_string()),
-        ("RABBITMQ_DEFAULT_HOST".into(), rabbit.host.clone()),
-        ("RABBITMQ_DEFAULT_PORT".into(), rabbit.port.to_string()),
-        ("RABBITMQ_VALIDATION_FAILURES_QUEUE".into(), vf_queue.clone()),
-        ("SHUTDOWN_TIMEOUT_MS".into(), "10000".into()),
-    ];
+    let mut env = support::processes::server_env(&pki, &centops, (http_port, grpc_port), &rabbit, &vf_queue);
+    env.push(("SHUTDOWN_TIMEOUT_MS".into(), "10000".into()));
     let mut server = DmrProcess::spawn("server", "server", &env, logs.path());
     let sink = Sink::start().await;
     let grpc: std::net::SocketAddr = format!("127.0.0.1:{grpc_port}").parse().unwrap();

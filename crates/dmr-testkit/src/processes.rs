@@ -83,3 +83,26 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
         .port()
 }
+
+/// The environment of a `dmr server` process on `ports` (HTTP, gRPC) with `pki`'s certificates, the
+/// directory file `centops`, the broker `rabbit` and its own validation-failures queue `vf_queue`.
+pub fn server_env(
+    pki: &crate::TestPki,
+    centops: &Path,
+    ports: (u16, u16),
+    rabbit: &dmr_server::config::RabbitConfig,
+    vf_queue: &str,
+) -> Vec<(String, String)> {
+    vec![
+        ("PORT".into(), ports.0.to_string()),
+        ("GRPC_PORT".into(), ports.1.to_string()),
+        ("BIND_ADDRESS".into(), "127.0.0.1".into()),
+        ("TLS_CERT_FILE".into(), pki.server_cert.display().to_string()),
+        ("TLS_KEY_FILE".into(), pki.server_key.display().to_string()),
+        ("TLS_CLIENT_CA_FILE".into(), pki.ca_file.display().to_string()),
+        ("CENTOPS_CONFIGURATION_URL".into(), centops.display().to_string()),
+        ("RABBITMQ_DEFAULT_HOST".into(), rabbit.host.clone()),
+        ("RABBITMQ_DEFAULT_PORT".into(), rabbit.port.to_string()),
+        ("RABBITMQ_VALIDATION_FAILURES_QUEUE".into(), vf_queue.to_owned()),
+    ]
+}

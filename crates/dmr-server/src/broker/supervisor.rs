@@ -170,8 +170,11 @@ impl Broker {
             let mut tick = tokio::time::interval(Duration::from_millis(500));
             loop {
                 tokio::select! {
+                    // lapin reports channel-level errors (a passive declare of a missing queue
+                    // closes its channel) as events too: only a closed connection is a loss.
                     ev = events.next() => match ev {
-                        Some(lapin::Event::Error(_)) | None => return,
+                        None => return,
+                        Some(lapin::Event::Error(_)) if !status_conn.connected() => return,
                         Some(_) => {}
                     },
                     _ = tick.tick() => if !status_conn.connected() { return },
