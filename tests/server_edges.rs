@@ -203,7 +203,7 @@ async fn a_channel_error_is_not_a_lost_broker_connection() {
     let relay = Relay::start().await;
     let broker = &relay.server.core.broker;
     let missing = format!("no-such-queue-{}", uuid::Uuid::new_v4());
-    let err = broker.consumer_count(&missing).await.err().expect("a missing queue");
+    let err = broker.consumer_count(&missing).await.expect_err("a missing queue");
     assert!(err.is_queue_missing(), "typed, not read from the text: {err}");
     // RabbitMQ closed that channel (NOT_FOUND); the connection must stay up. This sleep backs a
     // negative check: the supervisor would have reacted within milliseconds.
