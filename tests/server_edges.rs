@@ -213,3 +213,68 @@ async fn a_channel_error_is_not_a_lost_broker_connection() {
     assert_eq!(relay.post_to_b(&m).await.0, 200);
     relay.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlogged_recipient_makes_senders_wait_with_429_instead_of_queueing_without_bound() {
+    let (relay, extra) = Relay::start_full(1, |cfg| cfg.message_queue_max_depth = 5).await;
+    let c = &extra[0]; // never connects: its queue only grows
+    let mut accepted = 0u32;
+    let deadline = Instant::now() + WAIT;
+    let refused = loop {
+        assert!(Instant::now() < deadline, "never refused after {accepted} accepted");
+        let r = relay
+            .http
+            .post(relay.agent_b.url("/v1/messages"))
+            .json(&seed_message(&c.id))
+            .send()
+            .await
+            .unwrap();
+        match r.status().as_u16() {
+            200 => accepted += 1,
+            429 => break r,
+            other => panic!("unexpected {other}: {}", r.text().await.unwrap()),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(accepted >= 5, "the cap is not reached before 5 messages: {accepted}");
+    let retry_after: u64 = refused.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(retry_after >= 1);
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert!(
+        body["message"].to_string().contains("MESSAGE_QUEUE_MAX_DEPTH"),
+        "{body}"
+    );
+    assert_eq!(
+        relay.probe.queue_len(&c.id).await,
+        Some(accepted),
+        "the refused one was not queued"
+    );
+    assert!(relay.server.core.metrics.backlog_refusals.get() >= 1);
+    relay.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_age_of_an_agents_oldest_waiting_message_is_a_metric() {
+    let relay = Relay::start().await;
+    relay.sink_a.set_delay(Duration::from_millis(700));
+    for _ in 0..4 {
+        assert_eq!(relay.post_to_b(&seed_message(&relay.a.id)).await.0, 200);
+    }
+    let series = format!("dmr_agent_oldest_message_age_seconds{{agent_id=\"{}\"}}", relay.a.id);
+    let age = |text: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    let deadline = Instant::now() + WAIT;
+    while age(&relay.server.core.metrics.render()) < 1.0 {
+        assert!(Instant::now() < deadline, "the backlog's age never showed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let text = relay.server.core.metrics.render();
+    assert!(text.contains(&format!("dmr_agent_queue_messages{{agent_id=\"{}\"}}", relay.a.id)));
+    assert_eq!(relay.sink_a.wait_for(4, WAIT).await.len(), 4);
+    assert!(text.contains("dmr_message_queue_wait_seconds_bucket"));
+    relay.finish().await;
+}

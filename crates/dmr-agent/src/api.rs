@@ -208,6 +208,17 @@ pub(crate) async fn post_message(
                     result.detail
                 )],
             ),
+            SendStatus::RecipientBacklogged => {
+                let seconds = result.retry_after_ms.div_ceil(1000).max(1);
+                let mut response = error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    vec![format!("DMR server did not queue the message: {}", result.detail)],
+                );
+                if let Ok(value) = axum::http::HeaderValue::from_str(&seconds.to_string()) {
+                    response.headers_mut().insert(axum::http::header::RETRY_AFTER, value);
+                }
+                response
+            }
             SendStatus::Invalid | SendStatus::Unspecified => error(
                 StatusCode::BAD_GATEWAY,
                 vec![format!("DMR server refused the message: {}", result.detail)],

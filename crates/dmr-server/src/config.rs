@@ -55,6 +55,10 @@ pub struct ServerConfig {
     /// dead-lettered, in ms (a short outage of the agent's endpoint must not dead-letter).
     #[arg(long, env = "MESSAGE_DELIVERY_RETRY_BUDGET_MS", default_value_t = 120_000)]
     pub message_delivery_retry_budget_ms: u64,
+    /// Most messages a recipient's queue may hold before new sends to it are refused (gRPC
+    /// RECIPIENT_BACKLOGGED, REST 429 with Retry-After); 0 = no cap (the original's behaviour).
+    #[arg(long, env = "MESSAGE_QUEUE_MAX_DEPTH", default_value_t = 0)]
+    pub message_queue_max_depth: u32,
     /// Largest accepted envelope `payload` (the JWE), in bytes.
     #[arg(long, env = "MESSAGE_MAX_PAYLOAD_BYTES", default_value_t = 1_048_576)]
     pub message_max_payload_bytes: usize,

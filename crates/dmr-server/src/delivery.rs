@@ -145,6 +145,7 @@ pub(crate) async fn run<T: Transport>(d: Deliveries<T>) {
         };
         let mut stream = consumer.consumer;
         check.reset();
+        sample_backlog(core, &consumer.channel, agent_id).await;
         loop {
             let next = tokio::select! {
                 () = d.abort.cancelled() => break,
@@ -153,7 +154,7 @@ pub(crate) async fn run<T: Transport>(d: Deliveries<T>) {
                 // RabbitMQ does not always tell a consumer that its queue was deleted (seen with
                 // quorum queues on 3.10): check now and then, and when told the queue was re-created.
                 _ = check.tick() => {
-                    if consumer_attached(&consumer.channel, agent_id).await {
+                    if sample_backlog(core, &consumer.channel, agent_id).await {
                         continue;
                     }
                     tracing::info!(agent_id, "the agent's queue was deleted; consuming again");
@@ -192,6 +193,9 @@ pub(crate) async fn run<T: Transport>(d: Deliveries<T>) {
             }
         }
     }
+    // Another instance (or session) reports this agent's backlog from now on.
+    let _ = core.metrics.agent_queue_messages.remove_label_values(&[agent_id]);
+    let _ = core.metrics.agent_oldest_message_age.remove_label_values(&[agent_id]);
 }
 
 /// Longest wait for another consumer of an agent's queue to go before consuming anyway.
@@ -228,9 +232,32 @@ async fn wait_for_other_consumers(core: &Core, agent_id: &str, abort: &Cancellat
     }
 }
 
-/// True if `queue` exists and has a consumer.
-async fn consumer_attached(channel: &lapin::Channel, queue: &str) -> bool {
-    matches!(crate::broker::consumers_on(channel, queue).await, Ok(n) if n > 0)
+/// Records how many messages wait in `agent_id`'s queue (and, if none, that nothing is old); true
+/// if the queue exists and has a consumer.
+async fn sample_backlog(core: &Core, channel: &lapin::Channel, agent_id: &str) -> bool {
+    let Ok(counts) = crate::broker::queue_counts(channel, agent_id).await else {
+        return false;
+    };
+    let metrics = &core.metrics;
+    metrics
+        .agent_queue_messages
+        .with_label_values(&[agent_id])
+        .set(i64::from(counts.messages));
+    if counts.messages == 0 {
+        metrics.agent_oldest_message_age.with_label_values(&[agent_id]).set(0.0);
+    }
+    counts.consumers > 0
+}
+
+/// Seconds since `envelope` was queued (its `receivedAt`), if known.
+fn queued_for(envelope: &Envelope) -> Option<f64> {
+    let at = chrono::DateTime::parse_from_rfc3339(envelope.received_at.as_deref()?).ok()?;
+    Some(
+        (chrono::Utc::now() - at.with_timezone(&chrono::Utc))
+            .num_milliseconds()
+            .max(0) as f64
+            / 1000.0,
+    )
 }
 
 /// What to do with a delivery once the agent answered (or did not).
@@ -307,6 +334,12 @@ async fn deliver_one<T: Transport>(d: &Deliveries<T>, delivery: Delivery) -> Han
             return Handled::Settled;
         }
     };
+    if let Some(age) = queued_for(&envelope) {
+        core.metrics
+            .agent_oldest_message_age
+            .with_label_values(&[agent_id])
+            .set(age);
+    }
     let mut pauses = retry_pauses(core);
     let mut attempt = 0u32;
     loop {
@@ -326,6 +359,9 @@ async fn deliver_one<T: Transport>(d: &Deliveries<T>, delivery: Delivery) -> Han
         let reason = match verdict(answer, Instant::now() < d.race_window_until) {
             Verdict::Delivered => {
                 core.metrics.delivered.inc();
+                if let Some(waited) = queued_for(&envelope) {
+                    core.metrics.queue_wait.observe(waited);
+                }
                 if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
                     tracing::warn!(agent_id, message_id = %envelope.id, error = %e, "ack to RabbitMQ failed; the message will be redelivered");
                 }

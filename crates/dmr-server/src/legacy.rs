@@ -371,6 +371,9 @@ impl Transport for SocketTransport {
             SendOutcome::Unavailable(detail) | SendOutcome::Unknown(detail) => {
                 json!({"status": "error", "error": detail})
             }
+            SendOutcome::Backlogged { depth, .. } => {
+                json!({"status": "error", "error": crate::router::backlog_detail(*depth)})
+            }
         };
         let _ = ack.send(&answer);
     }

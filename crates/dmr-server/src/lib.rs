@@ -9,6 +9,7 @@
 //! **Invariant:** the server is stateless: it stores no message and no configuration on disk, and
 //! never sees a payload in plaintext.
 
+pub(crate) mod backlog;
 pub mod broker;
 pub mod config;
 pub(crate) mod delivery;
@@ -81,6 +82,8 @@ pub struct Core {
     pub metrics: Arc<Metrics>,
     /// Cancelled at shutdown; parent of every session's token.
     pub stop: CancellationToken,
+    /// Recent queue depths, for `MESSAGE_QUEUE_MAX_DEPTH`.
+    pub(crate) backlog: backlog::BacklogCap,
     /// Every session task: shutdown waits for them (within the grace period) before the broker
     /// connection closes, so no publish confirm or delivery answer is cut off.
     pub tasks: TaskTracker,
@@ -149,6 +152,7 @@ impl Server {
             metrics,
             stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            backlog: backlog::BacklogCap::default(),
         });
         Ok(Self {
             core,

@@ -2,7 +2,9 @@
 //! "socket connections" so that its alert rules keep working; RabbitMQ and delivery metrics sit
 //! beside them.
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 /// Namespace label value used for gRPC sessions in the per-event counters.
 pub const GRPC_NAMESPACE: &str = "grpc";
@@ -57,6 +59,16 @@ pub struct Metrics {
     pub legacy_refusals: IntCounterVec,
     /// Deliveries repeated because a legacy agent answered `DECRYPTION_FAILED` right after connecting.
     pub startup_race_redeliveries: IntCounter,
+    /// Messages ready in the queue of each agent connected to this instance (sampled every
+    /// `RABBITMQ_CONSUMER_CHECK_INTERVAL_MS` and when its consumer starts).
+    pub agent_queue_messages: IntGaugeVec,
+    /// Age of the oldest undelivered message of each agent connected here: the one being delivered
+    /// (0 once its queue is empty).
+    pub agent_oldest_message_age: GaugeVec,
+    /// Time messages waited in their queue before their recipient acked them.
+    pub queue_wait: Histogram,
+    /// Sends refused because the recipient's queue was at `MESSAGE_QUEUE_MAX_DEPTH`.
+    pub backlog_refusals: IntCounter,
     /// TCP connections on the gRPC port that closed or stalled before a TLS ClientHello (port
     /// probes, load-balancer checks): not authentication failures.
     pub tls_probes: IntCounter,
@@ -193,6 +205,35 @@ impl Metrics {
             startup_race_redeliveries: reg!(counter(
                 "dmr_delivery_startup_race_redeliveries_total",
                 "Deliveries repeated after DECRYPTION_FAILED within a legacy agent's start-up window"
+            )),
+            agent_queue_messages: reg!(
+                IntGaugeVec::new(
+                    Opts::new(
+                        "dmr_agent_queue_messages",
+                        "Messages ready in the queue of each agent connected to this instance"
+                    ),
+                    &["agent_id"]
+                )
+                .unwrap_or_else(|_| unreachable!())
+            ),
+            agent_oldest_message_age: reg!(
+                GaugeVec::new(
+                    Opts::new(
+                        "dmr_agent_oldest_message_age_seconds",
+                        "Age of the oldest undelivered message of each agent connected to this instance"
+                    ),
+                    &["agent_id"]
+                )
+                .unwrap_or_else(|_| unreachable!())
+            ),
+            queue_wait: reg!(histogram(
+                "dmr_message_queue_wait_seconds",
+                "Time from a message being queued to its recipient's ack",
+                vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0]
+            )),
+            backlog_refusals: reg!(counter(
+                "dmr_sends_refused_recipient_backlogged_total",
+                "Sends refused because the recipient's queue was at MESSAGE_QUEUE_MAX_DEPTH"
             )),
             tls_probes: reg!(counter(
                 "dmr_tls_probe_connections_total",

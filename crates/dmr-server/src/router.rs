@@ -25,12 +25,20 @@ pub enum SendOutcome {
     Unavailable(String),
     /// Handed to the broker, but the confirmation was lost: it may or may not be queued.
     Unknown(String),
+    /// Not queued: the recipient's queue holds `depth` messages, at `MESSAGE_QUEUE_MAX_DEPTH`.
+    Backlogged {
+        /// Messages waiting for the recipient.
+        depth: u32,
+        /// When to try again.
+        retry_after: std::time::Duration,
+    },
 }
 
 impl SendOutcome {
     /// The protobuf result for `correlation_id`.
     pub fn to_proto(&self, correlation_id: String) -> dmr::proto::SendResult {
         use dmr::proto::{SendResult, SendStatus};
+        let mut retry_after_ms = 0;
         let (status, errors, detail) = match self {
             Self::Accepted => (SendStatus::Accepted, vec![], String::new()),
             Self::Invalid(errors) => (
@@ -40,14 +48,26 @@ impl SendOutcome {
             ),
             Self::Unavailable(detail) => (SendStatus::Unavailable, vec![], detail.clone()),
             Self::Unknown(detail) => (SendStatus::Unknown, vec![], detail.clone()),
+            Self::Backlogged { depth, retry_after } => {
+                retry_after_ms = u32::try_from(retry_after.as_millis()).unwrap_or(u32::MAX);
+                (SendStatus::RecipientBacklogged, vec![], backlog_detail(*depth))
+            }
         };
         SendResult {
             correlation_id,
             status: status as i32,
             errors,
             detail,
+            retry_after_ms,
         }
     }
+}
+
+/// What a sender is told when the recipient's queue is at its cap.
+pub fn backlog_detail(depth: u32) -> String {
+    format!(
+        "the recipient's queue holds {depth} messages (MESSAGE_QUEUE_MAX_DEPTH): it is not keeping up; nothing was queued, retry later"
+    )
 }
 
 /// Validates `raw` from `agent_id` and starts publishing it. The returned future resolves to the
@@ -64,6 +84,21 @@ pub async fn start_send(core: &Arc<Core>, agent_id: &str, raw: Value) -> impl Fu
         envelope::validate(&raw, &ctx)
     };
     let core = core.clone();
+    let validated = match validated {
+        Ok(env) => match core.backlog.over(&core, &env.recipient_id).await {
+            Some(depth) => {
+                core.metrics.backlog_refusals.inc();
+                tracing::debug!(message_id = %env.id, recipient_id = %env.recipient_id, depth, "recipient backlogged: send refused");
+                let outcome = SendOutcome::Backlogged {
+                    depth,
+                    retry_after: crate::backlog::RETRY_AFTER,
+                };
+                return futures::future::Either::Left(futures::future::ready(outcome));
+            }
+            None => Ok(env),
+        },
+        Err(errors) => Err(errors),
+    };
     let publish = match validated {
         Err(errors) => Err((raw, errors)),
         Ok(mut env) => {
@@ -73,7 +108,7 @@ pub async fn start_send(core: &Arc<Core>, agent_id: &str, raw: Value) -> impl Fu
             Ok((env, started))
         }
     };
-    async move {
+    futures::future::Either::Right(async move {
         match publish {
             Err((raw, errors)) => {
                 record_validation_failure(&core, raw, errors.clone()).await;
@@ -93,7 +128,7 @@ pub async fn start_send(core: &Arc<Core>, agent_id: &str, raw: Value) -> impl Fu
             },
             Ok((env, Err(e))) => unavailable(&env, e),
         }
-    }
+    })
 }
 
 async fn republish(core: &Core, env: &Envelope) -> SendOutcome {

@@ -68,9 +68,18 @@ impl Link {
     }
 }
 
-/// Consumers of `queue` now, by a passive declare on `channel` (which RabbitMQ closes if the queue
-/// does not exist).
-pub async fn consumers_on(channel: &Channel, queue: &str) -> Result<u32, lapin::Error> {
+/// What a queue holds now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueCounts {
+    /// Messages ready for delivery (not counting unacknowledged ones).
+    pub messages: u32,
+    /// Consumers attached (on any instance).
+    pub consumers: u32,
+}
+
+/// The counts of `queue` now, by a passive declare on `channel` (which RabbitMQ closes if the
+/// queue does not exist).
+pub async fn queue_counts(channel: &Channel, queue: &str) -> Result<QueueCounts, lapin::Error> {
     let passive = QueueDeclareOptions {
         passive: true,
         ..QueueDeclareOptions::default()
@@ -78,21 +87,29 @@ pub async fn consumers_on(channel: &Channel, queue: &str) -> Result<u32, lapin::
     let q = channel
         .queue_declare(queue.into(), passive, FieldTable::default())
         .await?;
-    Ok(q.consumer_count())
+    Ok(QueueCounts {
+        messages: q.message_count(),
+        consumers: q.consumer_count(),
+    })
 }
 
 impl Broker {
     /// How many consumers `queue` has now (on any instance).
     pub async fn consumer_count(&self, queue: &str) -> Result<u32, BrokerError> {
+        Ok(self.counts(queue).await?.consumers)
+    }
+
+    /// What `queue` holds now (messages ready, consumers).
+    pub async fn counts(&self, queue: &str) -> Result<QueueCounts, BrokerError> {
         let link = self.link().await?;
         let amqp = |source| BrokerError::Amqp {
-            operation: "count consumers",
+            operation: "count",
             queue: queue.to_owned(),
             source,
         };
         // A throw-away channel: a passive declare of a missing queue closes the channel it ran on.
         let channel = link.conn.create_channel().await.map_err(amqp)?;
-        let result = consumers_on(&channel, queue).await.map_err(amqp);
+        let result = queue_counts(&channel, queue).await.map_err(amqp);
         let _ = channel.close(200, "counted".into()).await;
         result
     }

@@ -26,7 +26,7 @@ mod supervisor;
 mod topology;
 
 pub use announce::{Announcement, RemoteSessionHook, SESSIONS_EXCHANGE};
-pub use consumers::{AgentConsumer, consumers_on};
+pub use consumers::{AgentConsumer, QueueCounts, queue_counts};
 pub use legacy_tokens::TokenRecord;
 pub use supervisor::TopologySource;
 
