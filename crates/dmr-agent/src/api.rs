@@ -103,6 +103,8 @@ pub fn router(state: Arc<ApiState>, max_body: usize) -> Router {
         (status = 413, description = "Body larger than MESSAGE_MAX_BYTES", body = crate::openapi::ErrorDoc),
         (status = 415, description = "Content-Type is not application/json", body = crate::openapi::ErrorDoc),
         (status = 422, description = "recipientId is not a known agent", body = crate::openapi::ErrorDoc),
+        (status = 429, description = "The recipient's queue is at the server's MESSAGE_QUEUE_MAX_DEPTH; nothing queued; retry after Retry-After seconds", body = crate::openapi::ErrorDoc,
+            headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
         (status = 502, description = "The server refused the message, or the stream broke before it answered", body = crate::openapi::ErrorDoc),
         (status = 503, description = "Not connected to the server, or its broker is down; nothing queued; retry after Retry-After seconds", body = crate::openapi::ErrorDoc,
             headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
