@@ -241,6 +241,33 @@ fn pem_encode(label: &str, der: &[u8]) -> String {
     out
 }
 
+/// The agent id a certificate names — the one rule both the server (authenticating a stream) and
+/// the agent (checking its own certificate at start) apply: the SAN URI `urn:uuid:<id>` first, else
+/// a common name that is a UUID. Lower-cased.
+pub fn agent_id_in_certificate(cert: &x509_parser::certificate::X509Certificate<'_>) -> Option<String> {
+    let from_san = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .into_iter()
+        .flat_map(|san| san.value.general_names.iter())
+        .find_map(|name| match name {
+            x509_parser::extensions::GeneralName::URI(uri) => uri
+                .strip_prefix("urn:uuid:")
+                .filter(|id| crate::message::is_uuid(id))
+                .map(str::to_owned),
+            _ => None,
+        });
+    let from_cn = || {
+        cert.subject()
+            .iter_common_name()
+            .filter_map(|cn| cn.as_str().ok())
+            .find(|cn| crate::message::is_uuid(cn))
+            .map(str::to_owned)
+    };
+    from_san.or_else(from_cn).map(|id| id.to_ascii_lowercase())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

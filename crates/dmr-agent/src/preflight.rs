@@ -11,8 +11,6 @@ use crate::StartError;
 use crate::config::AgentConfig;
 use dmr::keys::{PrivateKey, PublicKey};
 use std::path::Path;
-use x509_parser::certificate::X509Certificate;
-use x509_parser::extensions::GeneralName;
 
 /// Runs every check against the configuration and the loaded private key.
 pub fn check(cfg: &AgentConfig, key: &PrivateKey, cert_pem: &str, ca_pem: &str) -> Result<(), StartError> {
@@ -49,7 +47,7 @@ fn check_certificate(cfg: &AgentConfig, key: &PrivateKey, cert_pem: &str) -> Res
     // The first certificate is the agent's own; any others are its chain.
     let der = &ders[0];
     let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| bad_cert("TLS_CERT_FILE", path, e))?;
-    let cert_id = agent_id_of(&cert).ok_or_else(|| StartError::BadCertificate {
+    let cert_id = dmr::keys::agent_id_in_certificate(&cert).ok_or_else(|| StartError::BadCertificate {
         variable: "TLS_CERT_FILE",
         path: path.clone(),
         problem: "it carries no agent id (SAN URI urn:uuid:<id> or a UUID common name)".into(),
@@ -100,31 +98,6 @@ fn bad_cert(variable: &'static str, path: &Path, e: impl std::fmt::Display) -> S
         path: path.to_owned(),
         problem: format!("not a readable X.509 certificate: {e}"),
     }
-}
-
-/// The agent id a certificate names, as the server reads it: SAN URI `urn:uuid:<id>` first,
-/// else a UUID common name.
-fn agent_id_of(cert: &X509Certificate<'_>) -> Option<String> {
-    let from_san = cert
-        .subject_alternative_name()
-        .ok()
-        .flatten()
-        .into_iter()
-        .flat_map(|san| san.value.general_names.iter())
-        .find_map(|name| match name {
-            GeneralName::URI(uri) => uri
-                .strip_prefix("urn:uuid:")
-                .filter(|id| dmr::message::is_uuid(id))
-                .map(str::to_owned),
-            _ => None,
-        });
-    from_san.or_else(|| {
-        cert.subject()
-            .iter_common_name()
-            .filter_map(|cn| cn.as_str().ok())
-            .find(|cn| dmr::message::is_uuid(cn))
-            .map(str::to_owned)
-    })
 }
 
 fn check_server_url(url: &str) -> Result<(), StartError> {

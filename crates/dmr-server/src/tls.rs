@@ -185,29 +185,8 @@ pub enum IdentityError {
 pub fn agent_identity(cert: &CertificateDer<'_>) -> Result<(String, PublicKey), IdentityError> {
     let (_, parsed) =
         x509_parser::parse_x509_certificate(cert).map_err(|e| IdentityError::Unreadable(e.to_string()))?;
-    let from_san = parsed
-        .subject_alternative_name()
-        .ok()
-        .flatten()
-        .into_iter()
-        .flat_map(|san| san.value.general_names.iter())
-        .find_map(|name| match name {
-            x509_parser::extensions::GeneralName::URI(uri) => uri
-                .strip_prefix("urn:uuid:")
-                .filter(|id| dmr::message::is_uuid(id))
-                .map(str::to_owned),
-            _ => None,
-        });
-    let from_cn = || {
-        parsed
-            .subject()
-            .iter_common_name()
-            .filter_map(|cn| cn.as_str().ok())
-            .find(|cn| dmr::message::is_uuid(cn))
-            .map(str::to_owned)
-    };
-    let id = from_san.or_else(from_cn).ok_or(IdentityError::NoAgentId)?;
+    let id = dmr::keys::agent_id_in_certificate(&parsed).ok_or(IdentityError::NoAgentId)?;
     let key =
         PublicKey::from_spki_der(parsed.public_key().raw).map_err(|e| IdentityError::Unreadable(e.to_string()))?;
-    Ok((id.to_ascii_lowercase(), key))
+    Ok((id, key))
 }
