@@ -203,7 +203,7 @@ async fn a_channel_error_is_not_a_lost_broker_connection() {
     let relay = Relay::start().await;
     let broker = &relay.server.core.broker;
     let missing = format!("no-such-queue-{}", uuid::Uuid::new_v4());
-    let err = broker.consumer_count(&missing).await.expect_err("a missing queue");
+    let err = broker.counts(&missing).await.expect_err("a missing queue");
     assert!(err.is_queue_missing(), "typed, not read from the text: {err}");
     // RabbitMQ closed that channel (NOT_FOUND); the connection must stay up. This sleep backs a
     // negative check: the supervisor would have reacted within milliseconds.
@@ -261,12 +261,7 @@ async fn the_age_of_an_agents_oldest_waiting_message_is_a_metric() {
         assert_eq!(relay.post_to_b(&seed_message(&relay.a.id)).await.0, 200);
     }
     let series = format!("dmr_agent_oldest_message_age_seconds{{agent_id=\"{}\"}}", relay.a.id);
-    let age = |text: &str| -> f64 {
-        text.lines()
-            .find_map(|l| l.strip_prefix(series.as_str()))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0.0)
-    };
+    let age = |text: &str| metric(text, &series).unwrap_or(0.0);
     let deadline = Instant::now() + WAIT;
     while age(&relay.server.core.metrics.render()) < 1.0 {
         assert!(Instant::now() < deadline, "the backlog's age never showed");

@@ -145,7 +145,6 @@ pub(crate) async fn run<T: Transport>(d: Deliveries<T>) {
         };
         let mut stream = consumer.consumer;
         check.reset();
-        sample_backlog(core, &consumer.channel, agent_id).await;
         loop {
             let next = tokio::select! {
                 () = d.abort.cancelled() => break,
@@ -212,9 +211,14 @@ const HANDOVER_WAIT: Duration = Duration::from_secs(10);
 async fn wait_for_other_consumers(core: &Core, agent_id: &str, abort: &CancellationToken, drain: &CancellationToken) {
     let deadline = tokio::time::Instant::now() + HANDOVER_WAIT;
     loop {
-        match core.broker.consumer_count(agent_id).await.ok() {
-            Some(0) | None => return,
-            Some(n) if tokio::time::Instant::now() >= deadline => {
+        let Ok(counts) = core.broker.counts(agent_id).await else {
+            return;
+        };
+        // The same look tells how many messages wait: report it now rather than ask again.
+        record_backlog(core, agent_id, counts.messages);
+        match counts.consumers {
+            0 => return,
+            n if tokio::time::Instant::now() >= deadline => {
                 tracing::warn!(
                     agent_id,
                     consumers = n,
@@ -222,7 +226,7 @@ async fn wait_for_other_consumers(core: &Core, agent_id: &str, abort: &Cancellat
                 );
                 return;
             }
-            Some(_) => {}
+            _ => {}
         }
         tokio::select! {
             () = abort.cancelled() => return,
@@ -232,21 +236,26 @@ async fn wait_for_other_consumers(core: &Core, agent_id: &str, abort: &Cancellat
     }
 }
 
-/// Records how many messages wait in `agent_id`'s queue (and, if none, that nothing is old); true
-/// if the queue exists and has a consumer.
+/// Samples `agent_id`'s queue on the consumer's own channel and records its backlog; true if the
+/// queue exists and has a consumer.
 async fn sample_backlog(core: &Core, channel: &lapin::Channel, agent_id: &str) -> bool {
     let Ok(counts) = crate::broker::queue_counts(channel, agent_id).await else {
         return false;
     };
+    record_backlog(core, agent_id, counts.messages);
+    counts.consumers > 0
+}
+
+/// Records how many messages wait in `agent_id`'s queue (and, if none, that nothing is old).
+fn record_backlog(core: &Core, agent_id: &str, messages: u32) {
     let metrics = &core.metrics;
     metrics
         .agent_queue_messages
         .with_label_values(&[agent_id])
-        .set(i64::from(counts.messages));
-    if counts.messages == 0 {
+        .set(i64::from(messages));
+    if messages == 0 {
         metrics.agent_oldest_message_age.with_label_values(&[agent_id]).set(0.0);
     }
-    counts.consumers > 0
 }
 
 /// Seconds since `envelope` was queued (its `receivedAt`), if known.

@@ -94,12 +94,7 @@ pub async fn queue_counts(channel: &Channel, queue: &str) -> Result<QueueCounts,
 }
 
 impl Broker {
-    /// How many consumers `queue` has now (on any instance).
-    pub async fn consumer_count(&self, queue: &str) -> Result<u32, BrokerError> {
-        Ok(self.counts(queue).await?.consumers)
-    }
-
-    /// What `queue` holds now (messages ready, consumers).
+    /// What `queue` holds now (messages ready, consumers on any instance).
     pub async fn counts(&self, queue: &str) -> Result<QueueCounts, BrokerError> {
         let link = self.link().await?;
         let amqp = |source| BrokerError::Amqp {
