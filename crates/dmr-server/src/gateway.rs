@@ -48,13 +48,8 @@ impl Gateway {
             tracing::warn!(reason, detail = status.message(), "agent stream refused");
             Err(status)
         };
-        if self.core.stop.is_cancelled() {
-            return Err(Status::unavailable("server shutting down; connect to another instance"));
-        }
-        if !self.core.directory.is_loaded() {
-            return Err(Status::unavailable(
-                "the server has not loaded the agent directory from CentOps yet; retry shortly",
-            ));
+        if let Err(closed) = self.core.admission() {
+            return Err(Status::unavailable(closed.message()));
         }
         let Some(leaf) = request.peer_certs().and_then(|certs| certs.first().cloned()) else {
             return refuse(

@@ -119,20 +119,8 @@ async fn authenticate(core: &Core, token: Option<String>) -> Result<Authenticate
         ),
     ))?;
     let kid = dmr::token::kid(&token).map_err(|e| (None, Refusal::new("bad_token", e.to_string())))?;
-    if core.stop.is_cancelled() {
-        return Err((
-            Some(kid),
-            Refusal::new("shutting_down", "server shutting down; reconnect"),
-        ));
-    }
-    if !core.directory.is_loaded() {
-        return Err((
-            Some(kid),
-            Refusal::new(
-                "directory_not_loaded",
-                "the server has not loaded the agent directory yet; reconnect shortly",
-            ),
-        ));
+    if let Err(closed) = core.admission() {
+        return Err((Some(kid), Refusal::new(closed.reason(), closed.message())));
     }
     let directory = core.directory.current();
     let Some(entry) = directory.get(&kid) else {

@@ -89,10 +89,48 @@ pub struct Core {
     pub tasks: TaskTracker,
 }
 
+/// Why this instance takes no new agent session now (both transports ask [`Core::admission`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotAdmitted {
+    /// The server is shutting down: the agent should connect to another instance.
+    ShuttingDown,
+    /// No directory was loaded yet: agents cannot be authenticated.
+    DirectoryNotLoaded,
+}
+
+impl NotAdmitted {
+    /// A short stable name (metric label, legacy refusal reason).
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::ShuttingDown => "shutting_down",
+            Self::DirectoryNotLoaded => "directory_not_loaded",
+        }
+    }
+
+    /// What the agent is told.
+    pub fn message(self) -> &'static str {
+        match self {
+            Self::ShuttingDown => "server shutting down; connect to another instance",
+            Self::DirectoryNotLoaded => "the server has not loaded the agent directory from CentOps yet; retry shortly",
+        }
+    }
+}
+
 impl Core {
+    /// Whether a new agent session may start now.
+    pub fn admission(&self) -> Result<(), NotAdmitted> {
+        if self.stop.is_cancelled() {
+            Err(NotAdmitted::ShuttingDown)
+        } else if !self.directory.is_loaded() {
+            Err(NotAdmitted::DirectoryNotLoaded)
+        } else {
+            Ok(())
+        }
+    }
+
     /// Ready to serve: RabbitMQ connected and a directory loaded (`/ready` and `grpc.health.v1`).
     pub fn is_ready(&self) -> bool {
-        self.broker.is_ready() && self.directory.is_loaded() && !self.stop.is_cancelled()
+        self.broker.is_ready() && self.admission().is_ok()
     }
 }
 
@@ -320,25 +358,23 @@ async fn follow_readiness(core: Arc<Core>, reporter: tonic_health::server::Healt
     let mut broker = core.broker.ready();
     let mut directory = core.directory.watch_loaded();
     loop {
-        if core.is_ready() {
-            reporter.set_serving::<GatewayServer>().await;
-            reporter
-                .set_service_status("", tonic_health::ServingStatus::Serving)
-                .await;
+        // Shutting down is part of `is_ready`: the last pass reports NOT_SERVING.
+        let status = if core.is_ready() {
+            tonic_health::ServingStatus::Serving
         } else {
-            reporter.set_not_serving::<GatewayServer>().await;
-            reporter
-                .set_service_status("", tonic_health::ServingStatus::NotServing)
-                .await;
+            tonic_health::ServingStatus::NotServing
+        };
+        reporter.set_service_status("", status).await;
+        reporter
+            .set_service_status(<GatewayServer as tonic::server::NamedService>::NAME, status)
+            .await;
+        if core.stop.is_cancelled() {
+            return;
         }
         tokio::select! {
             r = broker.changed() => if r.is_err() { return },
             r = directory.changed() => if r.is_err() { return },
-            () = core.stop.cancelled() => {
-                reporter.set_not_serving::<GatewayServer>().await;
-                reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
-                return;
-            }
+            () = core.stop.cancelled() => {}
         }
     }
 }
