@@ -22,6 +22,7 @@ pub mod pki;
 pub mod poll;
 pub mod processes;
 pub mod relay;
+pub mod scrape;
 pub mod servers;
 pub mod session;
 pub mod sink;
@@ -34,6 +35,7 @@ pub use messages::{seed_message, v1_message};
 pub use pki::TestPki;
 pub use poll::{eventually, eventually_async};
 pub use relay::Relay;
+pub use scrape::metric;
 pub use servers::{
     RunningAgent, RunningServer, agent_config, base_agent_config, base_server_config, server_config, start_agent,
     start_server,
