@@ -325,7 +325,7 @@ async fn nothing_accepted_is_lost_when_a_server_dies_rabbitmq_restarts_streams_d
         .send()
         .await
         .map(|r| r.text())
-        .unwrap()
+        .unwrap_or_else(|e| panic!("agent A does not answer ({e}); its log:\n{}", agent_a.logs()))
         .await
         .unwrap_or_default();
     let mut by_status: HashMap<u16, usize> = HashMap::new();
@@ -365,8 +365,11 @@ async fn nothing_accepted_is_lost_when_a_server_dies_rabbitmq_restarts_streams_d
     );
     assert!(
         accepted.len() > N / 2,
-        "the relay kept working through the faults ({} accepted)",
-        accepted.len()
+        "the relay kept working through the faults ({} accepted)\nserver-1:\n{}\nserver-2:\n{}\nagent-b:\n{}",
+        accepted.len(),
+        s1.logs(),
+        s2.logs(),
+        agent_b.logs()
     );
 
     // Graceful shutdown of everything within the deadlines.
