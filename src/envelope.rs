@@ -1,8 +1,10 @@
 //! The envelope exchanged between agents and servers (compat §2), its validation at the server
 //! (compat §5) and the `validation-failures` record format.
 //!
-//! One validation path serves both transports: a gRPC envelope is turned into the same JSON value a
-//! legacy agent sends, so the rules cannot drift apart.
+//! One validation path serves both transports: [`validate_fields`] reads a gRPC envelope and the
+//! JSON object a legacy agent sends through the same [`EnvelopeFields`] view (by the JSON field
+//! names), so the rules cannot drift apart, and a gRPC envelope is never turned into JSON to be
+//! checked.
 
 use crate::error::{ErrorType, MessageError};
 use crate::message::{MESSAGE_TYPES, is_uuid};
@@ -85,22 +87,101 @@ pub fn validate(raw: &Value, ctx: &ValidationContext<'_>) -> Result<Envelope, Ve
             "message must be a JSON object",
         )]);
     };
+    validate_fields(obj, ctx)?;
+    let text = |k: &str| str_field(obj, k).unwrap_or_default().to_owned();
+    Ok(Envelope {
+        id: text("id"),
+        sender_id: text("senderId").to_ascii_lowercase(),
+        recipient_id: text("recipientId").to_ascii_lowercase(),
+        timestamp: text("timestamp"),
+        kind: text("type"),
+        payload: text("payload"),
+        received_at: None,
+    })
+}
+
+/// Validates a gRPC envelope by the same rules as [`validate`], without copying it; on failure the
+/// envelope is handed back with the errors (for the validation-failures record).
+#[allow(clippy::result_large_err)]
+pub fn validate_proto(
+    e: proto::Envelope,
+    ctx: &ValidationContext<'_>,
+) -> Result<Envelope, (Vec<MessageError>, proto::Envelope)> {
+    if let Err(errors) = validate_fields(&e, ctx) {
+        return Err((errors, e));
+    }
+    Ok(Envelope {
+        id: e.id,
+        sender_id: e.sender_id.to_ascii_lowercase(),
+        recipient_id: e.recipient_id.to_ascii_lowercase(),
+        timestamp: e.timestamp,
+        kind: e.r#type,
+        payload: e.payload,
+        received_at: None,
+    })
+}
+
+/// Read access to an envelope's fields by their JSON names, whatever form the envelope has.
+pub trait EnvelopeFields {
+    /// The value of field `key` if it is present and a string.
+    fn text(&self, key: &str) -> Option<&str>;
+    /// True if `receivedAt` is present but not a string.
+    fn received_at_malformed(&self) -> bool;
+}
+
+impl EnvelopeFields for Map<String, Value> {
+    fn text(&self, key: &str) -> Option<&str> {
+        str_field(self, key)
+    }
+
+    fn received_at_malformed(&self) -> bool {
+        self.get("receivedAt").is_some_and(|v| !v.is_string())
+    }
+}
+
+impl EnvelopeFields for proto::Envelope {
+    fn text(&self, key: &str) -> Option<&str> {
+        // proto3 strings are always present (empty when unset), as `""` would be in JSON.
+        Some(match key {
+            "id" => &self.id,
+            "senderId" => &self.sender_id,
+            "recipientId" => &self.recipient_id,
+            "timestamp" => &self.timestamp,
+            "type" => &self.r#type,
+            "payload" => &self.payload,
+            "receivedAt" => &self.received_at,
+            _ => return None,
+        })
+    }
+
+    fn received_at_malformed(&self) -> bool {
+        false
+    }
+}
+
+/// The checks of [`validate`] on any form of envelope, collecting every error.
+pub fn validate_fields<F: EnvelopeFields + ?Sized>(
+    obj: &F,
+    ctx: &ValidationContext<'_>,
+) -> Result<(), Vec<MessageError>> {
     let mut errors = Vec::new();
     let format = |e: &mut Vec<MessageError>, msg: String| e.push(MessageError::new(ErrorType::InvalidFormat, msg));
     for key in ["id", "senderId", "recipientId"] {
-        if !str_field(obj, key).is_some_and(is_uuid) {
+        if !obj.text(key).is_some_and(is_uuid) {
             format(&mut errors, format!("{key} must be a UUID"));
         }
     }
     for key in ["timestamp", "payload"] {
-        if str_field(obj, key).is_none_or(str::is_empty) {
+        if obj.text(key).is_none_or(str::is_empty) {
             format(&mut errors, format!("{key} must be a non-empty string"));
         }
     }
-    if str_field(obj, "payload").is_some_and(|p| p.len() > ctx.max_payload_bytes) {
+    if obj.text("payload").is_some_and(|p| p.len() > ctx.max_payload_bytes) {
         format(&mut errors, format!("payload exceeds {} bytes", ctx.max_payload_bytes));
     }
-    if let Some(payload) = str_field(obj, "payload").filter(|p| !p.is_empty() && p.len() <= ctx.max_payload_bytes)
+    if let Some(payload) = obj
+        .text("payload")
+        .filter(|p| !p.is_empty() && p.len() <= ctx.max_payload_bytes)
         && !is_compact_jwe(payload)
     {
         // Refused before it is queued: the recipient could only fail to decrypt it later.
@@ -110,23 +191,23 @@ pub fn validate(raw: &Value, ctx: &ValidationContext<'_>) -> Result<Envelope, Ve
                 .to_owned(),
         );
     }
-    if obj.get("receivedAt").is_some_and(|v| !v.is_string()) {
+    if obj.received_at_malformed() {
         format(&mut errors, "receivedAt must be a string".to_owned());
     }
-    let timestamp = str_field(obj, "timestamp").unwrap_or_default();
+    let timestamp = obj.text("timestamp").unwrap_or_default();
     if !timestamp.is_empty() && !crate::time::is_js_iso_string(timestamp) {
         errors.push(MessageError::new(
             ErrorType::InvalidTimestamp,
             format!("timestamp {timestamp:?} is not an ISO-8601 instant like 2024-01-15T10:30:00.000Z"),
         ));
     }
-    if !str_field(obj, "type").is_some_and(|t| MESSAGE_TYPES.contains(&t)) {
+    if !obj.text("type").is_some_and(|t| MESSAGE_TYPES.contains(&t)) {
         errors.push(MessageError::new(
             ErrorType::InvalidMessageType,
             format!("type must be one of: {}", MESSAGE_TYPES.join(", ")),
         ));
     }
-    if let Some(sender) = str_field(obj, "senderId").filter(|s| is_uuid(s)) {
+    if let Some(sender) = obj.text("senderId").filter(|s| is_uuid(s)) {
         if !sender.eq_ignore_ascii_case(ctx.authenticated_agent) {
             errors.push(MessageError::new(
                 ErrorType::InvalidSenderId,
@@ -142,7 +223,7 @@ pub fn validate(raw: &Value, ctx: &ValidationContext<'_>) -> Result<Envelope, Ve
             ));
         }
     }
-    if let Some(recipient) = str_field(obj, "recipientId").filter(|s| is_uuid(s))
+    if let Some(recipient) = obj.text("recipientId").filter(|s| is_uuid(s))
         && !(ctx.is_known_agent)(recipient)
     {
         errors.push(MessageError::new(
@@ -150,19 +231,7 @@ pub fn validate(raw: &Value, ctx: &ValidationContext<'_>) -> Result<Envelope, Ve
             format!("recipient {recipient} is not a known agent"),
         ));
     }
-    if !errors.is_empty() {
-        return Err(errors);
-    }
-    let text = |k: &str| str_field(obj, k).unwrap_or_default().to_owned();
-    Ok(Envelope {
-        id: text("id"),
-        sender_id: text("senderId").to_ascii_lowercase(),
-        recipient_id: text("recipientId").to_ascii_lowercase(),
-        timestamp: text("timestamp"),
-        kind: text("type"),
-        payload: text("payload"),
-        received_at: None,
-    })
+    if errors.is_empty() { Ok(()) } else { Err(errors) }
 }
 
 /// The compact JWE serialization's shape (RFC 7516 §7.1): five base64url parts; only the

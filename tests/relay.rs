@@ -425,6 +425,63 @@ async fn a_thousand_messages_arrive_exactly_once_and_in_order() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_in_flight_keep_queue_order_when_the_endpoint_refuses_one_in_the_middle() {
+    // A backlog makes the server hand over a full window at once; two messages in the middle are
+    // refused once each. The endpoint must still see every message in queue order: the refused one
+    // again right after its refusal, nothing from behind it before.
+    let mut relay = Relay::start_with(|cfg| cfg.message_delivery_retry_delay_ms = 50).await;
+    relay.agent_a.shutdown().await;
+    assert!(
+        eventually(WAIT, || !relay.server.core.sessions.connected().contains(&relay.a.id)).await,
+        "the server saw A leave"
+    );
+    let mut sent = Vec::new();
+    for i in 0..120 {
+        let mut m = seed_message(&relay.a.id);
+        m["payload"]["messages"][0]["content"] = json!(format!("message {i}"));
+        let (status, answer) = relay.post_to_b(&m).await;
+        assert_eq!(status, 200, "message {i}: {answer}");
+        sent.push(m["id"].as_str().unwrap().to_owned());
+    }
+    let refused = [sent[10].clone(), sent[75].clone()];
+    for id in &refused {
+        relay.sink_a.refuse_once(id);
+    }
+    relay.agent_a = start_agent(agent_config(&relay.pki, &relay.a, relay.server.grpc, &relay.sink_a.url)).await;
+    let got = relay.sink_a.wait_for(sent.len(), Duration::from_secs(60)).await;
+    assert_eq!(got.len(), sent.len(), "every message arrived");
+    let delivered: Vec<String> = got.iter().map(|m| m["id"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(delivered, sent, "in queue order, each once");
+    let mut expected_posts = Vec::new();
+    for id in &sent {
+        expected_posts.push(id.clone());
+        if refused.contains(id) {
+            expected_posts.push(id.clone());
+        }
+    }
+    assert_eq!(
+        relay.sink_a.posted_ids(),
+        expected_posts,
+        "every POST in order: a refused message is posted again before anything behind it"
+    );
+    let metrics = relay
+        .http
+        .get(relay.agent_a.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        dmr_testkit::scrape::metric(&metrics, "dmr_deliveries_held_back_total").unwrap_or(0.0) >= 1.0,
+        "deliveries were in flight behind the refused ones (the window is used)"
+    );
+    assert_eq!(relay.probe.queue_len(&relay.a.id).await, Some(0), "all acked");
+    relay.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_payload_the_recipient_cannot_decrypt_is_reported_and_recorded_in_validation_failures() {
     let relay = Relay::start().await;
     let mut client = raw_client(&relay.pki, &relay.b.cert_pem, &relay.b.key_pem, relay.server.grpc)

@@ -1,8 +1,16 @@
 //! Incoming deliveries: decrypt, verify the sender's signature, POST the plaintext to
 //! `OUTGOING_MESSAGE_ENDPOINT`, and report the outcome to the server.
 //!
+//! The server may hand over several deliveries ahead of their results (`MESSAGE_DELIVERY_WINDOW`).
+//! The next [`DECRYPT_AHEAD`] are decrypted and verified in parallel, on the blocking pool, while
+//! the endpoint gets them one at a time.
+//!
 //! **Invariants:**
-//! - deliveries of one stream are handled one at a time, in arrival order (per-recipient order);
+//! - deliveries of one stream reach the endpoint one at a time, in arrival order (per-recipient
+//!   order), and are answered in that order;
+//! - after the endpoint refused a delivery of epoch E (proto `Delivery.epoch`, 0 = the server
+//!   sends one at a time), later deliveries of the same epoch are not posted but answered "held
+//!   back": the server hands them over again after the failed one;
 //! - `ok` is reported only after the endpoint answered 2xx;
 //! - anything that cannot be decrypted or verified, including a sender missing from the directory,
 //!   is reported as `DECRYPTION_FAILED`, never dropped silently;
@@ -17,13 +25,32 @@ use dmr::keys::PrivateKey;
 use dmr::message::OutgoingMessage;
 use dmr::proto::session_request::Frame as OutFrame;
 use dmr::proto::{Delivery, DeliveryResult, DeliveryStatus, MessageError, SessionRequest};
+use futures::StreamExt as _;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-/// Deliveries buffered per stream (the server sends one at a time; this is slack, not a queue).
-const DELIVERY_BUFFER: usize = 16;
+/// Deliveries buffered per stream: above the server's window (`MESSAGE_DELIVERY_WINDOW`, 32 by
+/// default), so that the stream's reader never waits for the endpoint.
+const DELIVERY_BUFFER: usize = 64;
+
+/// Deliveries decrypted and verified ahead of the one being posted.
+pub const DECRYPT_AHEAD: usize = 8;
+
+/// A delivery made ready for the endpoint (or already answered).
+enum Opened {
+    /// Decrypted and verified: to be posted.
+    Ready {
+        delivery_id: u64,
+        epoch: u64,
+        dedupe_key: String,
+        body: Box<OutgoingMessage>,
+        started: Instant,
+    },
+    /// Answered without posting (cannot be opened).
+    Answered(DeliveryResult),
+}
 
 /// Turns deliveries into POSTs to the internal endpoint.
 pub struct Inbox {
@@ -57,15 +84,25 @@ impl Inbox {
         }))
     }
 
-    /// Starts the worker of one stream; results go back on `results`.
+    /// Starts the worker of one stream; results go back on `results`, in arrival order.
     pub fn start_stream_worker(
         self: Arc<Self>,
         results: mpsc::Sender<SessionRequest>,
     ) -> (mpsc::Sender<Delivery>, JoinHandle<()>) {
         let (tx, mut rx) = mpsc::channel::<Delivery>(DELIVERY_BUFFER);
         let handle = tokio::spawn(async move {
-            while let Some(delivery) = rx.recv().await {
-                let result = self.handle(delivery).await;
+            let opener = self.clone();
+            let opened = futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+                .map(move |delivery| {
+                    let inbox = opener.clone();
+                    async move { inbox.open(delivery).await }
+                })
+                .buffered(DECRYPT_AHEAD);
+            tokio::pin!(opened);
+            // The epoch in which the endpoint refused a delivery: later ones of it are held back.
+            let mut refused_in: Option<u64> = None;
+            while let Some(opened) = opened.next().await {
+                let result = self.deliver(opened, &mut refused_in).await;
                 let ok = result.status() == DeliveryStatus::Ok;
                 let frame = SessionRequest {
                     frame: Some(OutFrame::DeliveryResult(result)),
@@ -86,84 +123,128 @@ impl Inbox {
         self.delivered.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    async fn handle(&self, delivery: Delivery) -> DeliveryResult {
+    /// Decrypts and verifies a delivery (on the blocking pool); may run ahead of [`Self::deliver`].
+    async fn open(&self, delivery: Delivery) -> Opened {
         let started = Instant::now();
         let delivery_id = delivery.delivery_id;
-        let fail = |kind: ErrorType, message: String| DeliveryResult {
-            delivery_id,
-            status: DeliveryStatus::Error as i32,
-            errors: vec![MessageError {
-                r#type: kind.as_str().to_owned(),
-                message,
-            }],
-        };
         let Some(env) = delivery.envelope else {
-            return fail(ErrorType::DecryptionFailed, "delivery without an envelope".into());
+            return Opened::Answered(failed(
+                delivery_id,
+                ErrorType::DecryptionFailed,
+                "delivery without an envelope".into(),
+            ));
         };
         let dedupe_key = format!("{}/{}", env.sender_id.to_ascii_lowercase(), env.id);
+        let Some(sender) = self.directory.get().get(&env.sender_id).map(|e| e.key.clone()) else {
+            tracing::warn!(message_id = %env.id, sender_id = %env.sender_id, "message from a sender not in this agent's directory");
+            return Opened::Answered(failed(
+                delivery_id,
+                ErrorType::DecryptionFailed,
+                format!("sender {} is not in this agent's directory", env.sender_id),
+            ));
+        };
+        let key = self.key.clone();
+        let jwe = env.payload;
+        let opened = tokio::task::spawn_blocking(move || dmr::jose::open(&jwe, &key, &sender)).await;
+        let payload = match opened {
+            Ok(Ok(payload)) => payload,
+            Ok(Err(e)) => {
+                tracing::warn!(message_id = %env.id, sender_id = %env.sender_id, error = %e, "cannot decrypt or verify message");
+                return Opened::Answered(failed(delivery_id, ErrorType::DecryptionFailed, e.to_string()));
+            }
+            Err(e) => {
+                return Opened::Answered(failed(
+                    delivery_id,
+                    ErrorType::DecryptionFailed,
+                    format!("decryption task failed: {e}"),
+                ));
+            }
+        };
+        Opened::Ready {
+            delivery_id,
+            epoch: delivery.epoch,
+            dedupe_key,
+            body: Box::new(OutgoingMessage {
+                id: env.id,
+                sender_id: env.sender_id,
+                recipient_id: env.recipient_id,
+                timestamp: env.timestamp,
+                kind: env.r#type,
+                payload,
+            }),
+            started,
+        }
+    }
+
+    /// Posts an opened delivery to the endpoint, in arrival order; `refused_in` is the epoch of the
+    /// last refused delivery (see the module's invariants).
+    async fn deliver(&self, opened: Opened, refused_in: &mut Option<u64>) -> DeliveryResult {
+        let (delivery_id, epoch, dedupe_key, body, started) = match opened {
+            Opened::Answered(result) => return result,
+            Opened::Ready {
+                delivery_id,
+                epoch,
+                dedupe_key,
+                body,
+                started,
+            } => (delivery_id, epoch, dedupe_key, body, started),
+        };
+        if epoch != 0 && *refused_in == Some(epoch) {
+            self.metrics.deliveries_held_back.inc();
+            tracing::debug!(message_id = %body.id, "held back behind a refused delivery; the server hands it over again");
+            return failed(
+                delivery_id,
+                ErrorType::DeliveryFailed,
+                "held back: an earlier message to this agent was not delivered yet".into(),
+            );
+        }
         if self.lock_delivered().contains(&dedupe_key) {
             // Already handed to the endpoint; the server redelivered it (e.g. our ack was lost in a
             // failover). Acknowledge without a second POST.
             self.metrics.duplicates_suppressed.inc();
-            tracing::info!(message_id = %env.id, sender_id = %env.sender_id, "duplicate delivery suppressed");
+            tracing::info!(message_id = %body.id, sender_id = %body.sender_id, "duplicate delivery suppressed");
             return DeliveryResult {
                 delivery_id,
                 status: DeliveryStatus::Ok as i32,
                 errors: vec![],
             };
         }
-        let Some(sender) = self.directory.get().get(&env.sender_id).map(|e| e.key.clone()) else {
-            tracing::warn!(message_id = %env.id, sender_id = %env.sender_id, "message from a sender not in this agent's directory");
-            return fail(
-                ErrorType::DecryptionFailed,
-                format!("sender {} is not in this agent's directory", env.sender_id),
-            );
-        };
-        let key = self.key.clone();
-        let jwe = env.payload.clone();
-        let opened = tokio::task::spawn_blocking(move || dmr::jose::open(&jwe, &key, &sender)).await;
-        let payload = match opened {
-            Ok(Ok(payload)) => payload,
-            Ok(Err(e)) => {
-                tracing::warn!(message_id = %env.id, sender_id = %env.sender_id, error = %e, "cannot decrypt or verify message");
-                return fail(ErrorType::DecryptionFailed, e.to_string());
-            }
-            Err(e) => return fail(ErrorType::DecryptionFailed, format!("decryption task failed: {e}")),
-        };
-        let body = OutgoingMessage {
-            id: env.id.clone(),
-            sender_id: env.sender_id.clone(),
-            recipient_id: env.recipient_id.clone(),
-            timestamp: env.timestamp.clone(),
-            kind: env.r#type.clone(),
-            payload,
-        };
         let outcome = self.http.post(&self.endpoint).json(&body).send().await;
         self.metrics.message_processing.observe(started.elapsed().as_secs_f64());
-        match outcome {
+        let refused = match outcome {
             Ok(r) if r.status().is_success() => {
                 self.lock_delivered().insert(dedupe_key);
-                tracing::debug!(message_id = %env.id, sender_id = %env.sender_id, "handed to the internal endpoint");
-                DeliveryResult {
+                tracing::debug!(message_id = %body.id, sender_id = %body.sender_id, "handed to the internal endpoint");
+                return DeliveryResult {
                     delivery_id,
                     status: DeliveryStatus::Ok as i32,
                     errors: vec![],
-                }
+                };
             }
             Ok(r) => {
-                tracing::warn!(message_id = %env.id, status = r.status().as_u16(), "internal endpoint refused the message");
-                fail(
-                    ErrorType::DeliveryFailed,
-                    format!("OUTGOING_MESSAGE_ENDPOINT answered {}", r.status()),
-                )
+                tracing::warn!(message_id = %body.id, status = r.status().as_u16(), "internal endpoint refused the message");
+                format!("OUTGOING_MESSAGE_ENDPOINT answered {}", r.status())
             }
             Err(e) => {
-                tracing::warn!(message_id = %env.id, error = %e, "internal endpoint unreachable");
-                fail(
-                    ErrorType::DeliveryFailed,
-                    format!("OUTGOING_MESSAGE_ENDPOINT failed: {e}"),
-                )
+                tracing::warn!(message_id = %body.id, error = %e, "internal endpoint unreachable");
+                format!("OUTGOING_MESSAGE_ENDPOINT failed: {e}")
             }
+        };
+        if epoch != 0 {
+            *refused_in = Some(epoch);
         }
+        failed(delivery_id, ErrorType::DeliveryFailed, refused)
+    }
+}
+
+/// An error answer to `delivery_id`.
+fn failed(delivery_id: u64, kind: ErrorType, message: String) -> DeliveryResult {
+    DeliveryResult {
+        delivery_id,
+        status: DeliveryStatus::Error as i32,
+        errors: vec![MessageError {
+            r#type: kind.as_str().to_owned(),
+            message,
+        }],
     }
 }

@@ -53,6 +53,9 @@ pub struct Metrics {
     pub message_processing: Histogram,
     /// Redeliveries of already delivered messages that were not POSTed again.
     pub duplicates_suppressed: IntCounter,
+    /// Deliveries answered without posting, behind one the endpoint refused (the server hands them
+    /// over again, in order).
+    pub deliveries_held_back: IntCounter,
     /// Connections to the next server address made at once, after a stream ended or failed.
     pub failovers: IntCounter,
     /// Pauses before reconnecting, taken after every address failed in turn.
@@ -128,6 +131,10 @@ impl Metrics {
             duplicates_suppressed: reg!(IntCounter::new(
                 "dmr_duplicates_suppressed_total",
                 "Redeliveries of already delivered messages that were not POSTed again"
+            )),
+            deliveries_held_back: reg!(IntCounter::new(
+                "dmr_deliveries_held_back_total",
+                "Deliveries answered without posting, behind one the endpoint refused (redelivered in order)"
             )),
             failovers: reg!(IntCounter::new(
                 "dmr_agent_failovers_total",

@@ -41,9 +41,16 @@ pub struct ServerConfig {
     /// RabbitMQ connection.
     #[command(flatten)]
     pub rabbitmq: RabbitConfig,
-    /// How long to wait for an agent's delivery ack, in ms.
+    /// How long to wait for an agent's delivery ack, in ms. With several deliveries in flight, the
+    /// clock of each starts when the one before it was answered (the agent answers in order).
     #[arg(long, env = "MESSAGE_DELIVERY_TIMEOUT_MS", default_value_t = 2000)]
     pub message_delivery_timeout_ms: u64,
+    /// Deliveries handed to one gRPC agent ahead of its answers (the agent still posts them to its
+    /// endpoint one at a time, in queue order). 1 = one at a time, as before. Capped by
+    /// RABBITMQ_PREFETCH_COUNT. Legacy Socket.IO agents always get one at a time.
+    #[arg(long, env = "MESSAGE_DELIVERY_WINDOW", default_value_t = 32,
+        value_parser = clap::value_parser!(u16).range(1..))]
+    pub message_delivery_window: u16,
     /// Most delivery attempts per message before it is dead-lettered to `<agent-id>.dlq`
     /// (0 = no limit: MESSAGE_DELIVERY_RETRY_BUDGET_MS alone decides).
     #[arg(long, env = "MESSAGE_DELIVERY_MAX_ATTEMPTS", default_value_t = 0)]
@@ -178,7 +185,7 @@ pub struct RabbitConfig {
     #[arg(
         long = "rabbitmq-prefetch-count",
         env = "RABBITMQ_PREFETCH_COUNT",
-        default_value_t = 16
+        default_value_t = 32
     )]
     pub prefetch_count: u16,
     /// Agent consumers per AMQP connection; more open further connections (each consumer has a
@@ -337,6 +344,11 @@ impl ServerConfig {
     /// The delivery ack timeout.
     pub fn delivery_timeout(&self) -> Duration {
         Duration::from_millis(self.message_delivery_timeout_ms)
+    }
+
+    /// Deliveries in flight per gRPC session: `MESSAGE_DELIVERY_WINDOW`, at most the prefetch count.
+    pub fn delivery_window(&self) -> usize {
+        usize::from(self.message_delivery_window.min(self.rabbitmq.prefetch_count).max(1))
     }
 
     /// The first pause between delivery attempts.

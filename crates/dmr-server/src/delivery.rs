@@ -1,28 +1,35 @@
 //! Delivering an agent's queue to its live session, whatever the transport.
 //!
 //! While a session is open, [`run`] consumes the agent's queue (bounded by the prefetch count) and
-//! hands messages to the session one at a time, in queue order.
+//! hands messages to the session in queue order, keeping up to a window of them in flight
+//! (`MESSAGE_DELIVERY_WINDOW` for transports that pipeline, see [`Transport::PIPELINES`]; one at a
+//! time otherwise). The agent answers in order; each answer settles the oldest delivery in flight.
 //!
 //! **Invariants:**
 //! - a message is acked to RabbitMQ only after the agent acked it (or after its
 //!   `DECRYPTION_FAILED` report was recorded in validation-failures, or after it was dead-lettered);
+//! - order per recipient: when a delivery fails, nothing newer is handed over until it is settled.
+//!   The deliveries already in flight behind it are collected (the agent holds them back without
+//!   posting them, see [`Transport::PIPELINES`]), the failed one is retried alone, then they are
+//!   handed over again, in order, before anything newer from the queue;
 //! - a failing message is retried with exponential backoff and jitter over
 //!   `MESSAGE_DELIVERY_RETRY_BUDGET_MS` (and at most `MESSAGE_DELIVERY_MAX_ATTEMPTS` times, if set),
-//!   then dead-lettered to `<agent-id>.dlq` with the last error;
-//! - if the session ends mid-delivery the message is neither acked nor rejected: closing the
-//!   consumer channel returns it to the queue for the next session. A draining session (server
-//!   shutdown) first waits for the answer to the delivery in hand.
+//!   then dead-lettered to `<agent-id>.dlq` with the last error; a delivery that was only held back
+//!   behind a failed one does not count as an attempt;
+//! - if the session ends mid-delivery the messages in flight are neither acked nor rejected:
+//!   closing the consumer channel returns them to the queue for the next session. A draining
+//!   session (server shutdown) first waits for the answers to the deliveries in flight.
 
 use crate::Core;
 use crate::router;
-use crate::session::Transport;
+use crate::session::{Gone, Transport};
 use backon::BackoffBuilder as _;
 use dmr::envelope::Envelope;
 use dmr::{ErrorType, MessageError};
 use futures::StreamExt as _;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicRejectOptions};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -94,23 +101,39 @@ enum Handled {
     Left,
 }
 
+/// Why the delivery loop of one consumer stopped.
+enum Stopped {
+    /// The session is ending (aborted, drained, or its wire is gone).
+    SessionEnded,
+    /// The consumer must be started again (cancelled, failed, or the queue was re-created).
+    ConsumeAgain,
+}
+
+/// A message handed to the agent, waiting for its answer.
+struct InFlight {
+    message: Queued,
+    delivery_id: u64,
+    answer: oneshot::Receiver<DeliveryAnswer>,
+}
+
+/// A message taken from the queue (not yet settled).
+struct Queued {
+    delivery: Delivery,
+    envelope: Envelope,
+}
+
 /// Consumes the agent's queue and delivers through the session's transport until aborted or
 /// drained.
 pub(crate) async fn run<T: Transport>(d: Deliveries<T>) {
     let core = &d.core;
     let agent_id = d.agent_id.as_str();
     let ended = || d.abort.is_cancelled() || d.drain.is_cancelled();
-    let mut check = tokio::time::interval(
-        core.cfg
-            .rabbitmq
-            .consumer_check_interval()
-            .max(Duration::from_millis(100)),
-    );
-    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let retry = core.cfg.rabbitmq.reconnect_interval().min(Duration::from_secs(1));
     let tag = format!("dmr-{agent_id}-{}", uuid::Uuid::new_v4());
     let mut refusals = 0u32;
     let mut handover = true;
+    // See the proto's `Delivery.epoch`: 0 for transports that get one delivery at a time.
+    let mut epoch = u64::from(T::PIPELINES);
     while !ended() {
         if handover {
             // A session that just moved here may still be consumed on another instance (or by this
@@ -143,48 +166,13 @@ pub(crate) async fn run<T: Transport>(d: Deliveries<T>) {
                 }
             }
         };
-        let mut stream = consumer.consumer;
-        check.reset();
-        loop {
-            let next = tokio::select! {
-                () = d.abort.cancelled() => break,
-                () = d.drain.cancelled() => break,
-                n = stream.next() => n,
-                // RabbitMQ does not always tell a consumer that its queue was deleted (seen with
-                // quorum queues on 3.10): check now and then, and when told the queue was re-created.
-                _ = check.tick() => {
-                    if sample_backlog(core, &consumer.channel, agent_id).await {
-                        continue;
-                    }
-                    tracing::info!(agent_id, "the agent's queue was deleted; consuming again");
-                    break;
-                }
-                // A re-declared quorum queue may even report the old consumer (seen on 3.10) while
-                // delivering nothing to it: consume again unconditionally.
-                () = d.recheck.notified() => {
-                    tracing::info!(agent_id, "the agent's queue was re-created; consuming again");
-                    break;
-                }
-            };
-            match next {
-                Some(Ok(delivery)) => {
-                    if let Handled::Left = deliver_one(&d, delivery).await {
-                        break;
-                    }
-                }
-                Some(Err(e)) => {
-                    tracing::warn!(agent_id, error = %e, "consumer failed; consuming again");
-                    break;
-                }
-                None => {
-                    tracing::info!(agent_id, "consumer cancelled by the broker; consuming again");
-                    break;
-                }
-            }
+        let stopped = deliver_from(&d, consumer.consumer, &consumer.channel, &mut epoch).await;
+        if T::PIPELINES {
+            epoch += 1;
         }
         // Closing the channel returns every unacknowledged delivery to the queue.
         let _ = consumer.channel.close(200, "session ended".into()).await;
-        if !ended() {
+        if matches!(stopped, Stopped::ConsumeAgain) && !ended() {
             tokio::select! {
                 () = d.abort.cancelled() => break,
                 () = d.drain.cancelled() => break,
@@ -195,6 +183,252 @@ pub(crate) async fn run<T: Transport>(d: Deliveries<T>) {
     // Another instance (or session) reports this agent's backlog from now on.
     let _ = core.metrics.agent_queue_messages.remove_label_values(&[agent_id]);
     let _ = core.metrics.agent_oldest_message_age.remove_label_values(&[agent_id]);
+}
+
+/// Delivers from one consumer, keeping up to the session's window of deliveries in flight, until
+/// the session ends or the consumer must be started again.
+async fn deliver_from<T: Transport>(
+    d: &Deliveries<T>,
+    mut stream: lapin::Consumer,
+    channel: &lapin::Channel,
+    epoch: &mut u64,
+) -> Stopped {
+    let core = &d.core;
+    let agent_id = d.agent_id.as_str();
+    let window = if T::PIPELINES { core.cfg.delivery_window() } else { 1 };
+    let mut check = tokio::time::interval(
+        core.cfg
+            .rabbitmq
+            .consumer_check_interval()
+            .max(Duration::from_millis(100)),
+    );
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    check.reset();
+    // Handed over, oldest first; answers come back in this order.
+    let mut in_flight: VecDeque<InFlight> = VecDeque::with_capacity(window);
+    // Taken from the queue but to be handed over (again) before anything newer: the deliveries
+    // that were in flight behind a failed one.
+    let mut again: VecDeque<Queued> = VecDeque::new();
+    // When the oldest delivery in flight must have been answered.
+    let mut head_deadline = tokio::time::Instant::now();
+    loop {
+        let room = in_flight.len() < window && !d.drain.is_cancelled();
+        if room && let Some(message) = again.pop_front() {
+            match hand_over(d, message, 0, *epoch).await {
+                Ok(f) => {
+                    if in_flight.is_empty() {
+                        head_deadline = tokio::time::Instant::now() + core.cfg.delivery_timeout();
+                        record_oldest(core, agent_id, Some(&f.message));
+                    }
+                    in_flight.push_back(f);
+                    continue;
+                }
+                Err(Gone) => return Stopped::SessionEnded,
+            }
+        }
+        let idle = in_flight.is_empty() && again.is_empty();
+        tokio::select! {
+            biased;
+            () = d.abort.cancelled() => {
+                // Answers that arrived before the end still count: fewer redeliveries.
+                settle_answered(d, &mut in_flight).await;
+                return Stopped::SessionEnded;
+            }
+            // Draining: what is still to be handed over again returns to the queue.
+            () = d.drain.cancelled(), if in_flight.is_empty() => return Stopped::SessionEnded,
+            answer = oldest_answer(&mut in_flight, head_deadline) => {
+                let Some(done) = in_flight.pop_front() else { continue };
+                head_deadline = tokio::time::Instant::now() + core.cfg.delivery_timeout();
+                record_oldest(core, agent_id, in_flight.front().map(|f| &f.message).or(again.front()));
+                match settle(d, done.message, answer).await {
+                    Settle::Done => {}
+                    Settle::Failed(message, failure) => {
+                        // Nothing newer goes out until this one is settled: collect what is in
+                        // flight behind it, then retry it alone. Whatever goes out from now on
+                        // was sent knowing of the failure: a new epoch.
+                        if T::PIPELINES {
+                            *epoch += 1;
+                        }
+                        let behind = collect_behind(d, &mut in_flight).await;
+                        for m in behind.into_iter().rev() {
+                            again.push_front(m);
+                        }
+                        if d.abort.is_cancelled() {
+                            return Stopped::SessionEnded;
+                        }
+                        if let Handled::Left = retry_alone(d, *message, failure, epoch).await {
+                            return Stopped::SessionEnded;
+                        }
+                    }
+                }
+            }
+            next = stream.next(), if room => match next {
+                Some(Ok(delivery)) => {
+                    let Some(message) = parse(core, agent_id, delivery).await else { continue };
+                    match hand_over(d, message, 0, *epoch).await {
+                        Ok(f) => {
+                            if in_flight.is_empty() {
+                                head_deadline = tokio::time::Instant::now() + core.cfg.delivery_timeout();
+                                record_oldest(core, agent_id, Some(&f.message));
+                            }
+                            in_flight.push_back(f);
+                        }
+                        Err(Gone) => return Stopped::SessionEnded,
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(agent_id, error = %e, "consumer failed; consuming again");
+                    return Stopped::ConsumeAgain;
+                }
+                None => {
+                    tracing::info!(agent_id, "consumer cancelled by the broker; consuming again");
+                    return Stopped::ConsumeAgain;
+                }
+            },
+            // RabbitMQ does not always tell a consumer that its queue was deleted (seen with
+            // quorum queues on 3.10): check now and then, and when told the queue was re-created.
+            _ = check.tick(), if idle => {
+                if !sample_backlog(core, channel, agent_id).await {
+                    tracing::info!(agent_id, "the agent's queue was deleted; consuming again");
+                    return Stopped::ConsumeAgain;
+                }
+            }
+            // A re-declared quorum queue may even report the old consumer (seen on 3.10) while
+            // delivering nothing to it: consume again unconditionally.
+            () = d.recheck.notified(), if idle => {
+                tracing::info!(agent_id, "the agent's queue was re-created; consuming again");
+                return Stopped::ConsumeAgain;
+            }
+        }
+    }
+}
+
+/// Records the age of the oldest message taken from the agent's queue and not settled yet (0 when
+/// none waits).
+fn record_oldest(core: &Core, agent_id: &str, oldest: Option<&Queued>) {
+    let age = oldest.and_then(|q| queued_for(&q.envelope)).unwrap_or(0.0);
+    core.metrics
+        .agent_oldest_message_age
+        .with_label_values(&[agent_id])
+        .set(age);
+}
+
+/// Settles, oldest first, the deliveries in flight whose answer already arrived; stops at the
+/// first without one or that failed (it and those behind it return to the queue).
+async fn settle_answered<T: Transport>(d: &Deliveries<T>, in_flight: &mut VecDeque<InFlight>) {
+    while let Some(f) = in_flight.front_mut() {
+        let Ok(answer) = f.answer.try_recv() else { return };
+        let Some(f) = in_flight.pop_front() else { return };
+        if let Settle::Failed(..) = settle(d, f.message, Some(answer)).await {
+            return;
+        }
+    }
+}
+
+/// The answer to the oldest delivery in flight, or `None` if it did not come by `deadline`
+/// (never ready while nothing is in flight).
+async fn oldest_answer(in_flight: &mut VecDeque<InFlight>, deadline: tokio::time::Instant) -> Option<DeliveryAnswer> {
+    let Some(head) = in_flight.front_mut() else {
+        return std::future::pending().await;
+    };
+    tokio::time::timeout_at(deadline, &mut head.answer)
+        .await
+        .ok()
+        .and_then(Result::ok)
+}
+
+/// Reads a queued message; one that is not an envelope is dead-lettered at once (`None`).
+async fn parse(core: &Core, agent_id: &str, delivery: Delivery) -> Option<Queued> {
+    match serde_json::from_slice::<Envelope>(&delivery.data) {
+        Ok(envelope) => Some(Queued { delivery, envelope }),
+        Err(e) => {
+            tracing::error!(agent_id, error = %e, "queued message is not an envelope; dead-lettering it");
+            let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
+            core.metrics.dead_lettered.inc();
+            None
+        }
+    }
+}
+
+/// Hands `message` to the agent as attempt `attempt` of `epoch`.
+async fn hand_over<T: Transport>(
+    d: &Deliveries<T>,
+    message: Queued,
+    attempt: u32,
+    epoch: u64,
+) -> Result<InFlight, Gone> {
+    let (delivery_id, answer) = d.acks.register();
+    if d.transport
+        .deliver(delivery_id, &message.envelope, attempt, epoch)
+        .await
+        .is_err()
+    {
+        d.acks.forget(delivery_id);
+        return Err(Gone);
+    }
+    Ok(InFlight {
+        message,
+        delivery_id,
+        answer,
+    })
+}
+
+/// What became of one answered (or unanswered) delivery.
+enum Settle {
+    /// Acked, recorded as undecryptable: nothing more to do.
+    Done,
+    /// Not delivered: to be retried (the verdict says how).
+    Failed(Box<Queued>, Verdict),
+}
+
+/// Settles a delivery from the agent's answer (`None`: none within the timeout).
+async fn settle<T: Transport>(d: &Deliveries<T>, message: Queued, answer: Option<DeliveryAnswer>) -> Settle {
+    let (core, agent_id) = (&d.core, d.agent_id.as_str());
+    match verdict(answer, Instant::now() < d.race_window_until) {
+        Verdict::Delivered => {
+            core.metrics.delivered.inc();
+            if let Some(waited) = queued_for(&message.envelope) {
+                core.metrics.queue_wait.observe(waited);
+            }
+            if let Err(e) = message.delivery.ack(BasicAckOptions::default()).await {
+                tracing::warn!(agent_id, message_id = %message.envelope.id, error = %e, "ack to RabbitMQ failed; the message will be redelivered");
+            }
+            tracing::debug!(agent_id, message_id = %message.envelope.id, "delivered");
+            Settle::Done
+        }
+        Verdict::Undecryptable(errors) => {
+            router::record_validation_failure(core, message.envelope.to_value(), errors).await;
+            let _ = message.delivery.ack(BasicAckOptions::default()).await;
+            Settle::Done
+        }
+        failure @ (Verdict::Retry(_) | Verdict::StartupRace) => Settle::Failed(Box::new(message), failure),
+    }
+}
+
+/// After a failed delivery: waits for the answers to every delivery in flight behind it, settles
+/// those that were delivered anyway, and returns the others, in order, to be handed over again.
+/// These were held back by the agent (or failed on their own); either way they are not counted as
+/// attempts.
+async fn collect_behind<T: Transport>(d: &Deliveries<T>, in_flight: &mut VecDeque<InFlight>) -> Vec<Queued> {
+    let mut behind = Vec::new();
+    let mut deadline = tokio::time::Instant::now() + d.core.cfg.delivery_timeout();
+    while let Some(f) = in_flight.pop_front() {
+        let answer = tokio::select! {
+            () = d.abort.cancelled() => {
+                d.acks.forget(f.delivery_id);
+                continue;
+            }
+            a = tokio::time::timeout_at(deadline, f.answer) => a.ok().and_then(Result::ok),
+        };
+        deadline = tokio::time::Instant::now() + d.core.cfg.delivery_timeout();
+        if answer.is_none() {
+            d.acks.forget(f.delivery_id);
+        }
+        if let Settle::Failed(message, _) = settle(d, f.message, answer).await {
+            behind.push(*message);
+        }
+    }
+    behind
 }
 
 /// Longest wait for another consumer of an agent's queue to go before consuming anyway.
@@ -331,81 +565,73 @@ fn retry_pauses(core: &Core) -> impl Iterator<Item = Duration> {
 /// Longest pause between two attempts of one message.
 const MAX_RETRY_PAUSE: Duration = Duration::from_secs(30);
 
-/// Delivers one message, retrying while the budget lasts.
-async fn deliver_one<T: Transport>(d: &Deliveries<T>, delivery: Delivery) -> Handled {
+/// Retries a failed delivery alone (nothing else in flight) until it is delivered, recorded as
+/// undecryptable or dead-lettered, while the retry budget lasts.
+/// Each failure it learns of starts a new `epoch` (see the proto's `Delivery.epoch`).
+async fn retry_alone<T: Transport>(d: &Deliveries<T>, message: Queued, failure: Verdict, epoch: &mut u64) -> Handled {
     let (core, agent_id) = (&d.core, d.agent_id.as_str());
-    let envelope: Envelope = match serde_json::from_slice(&delivery.data) {
-        Ok(e) => e,
-        Err(e) => {
-            tracing::error!(agent_id, error = %e, "queued message is not an envelope; dead-lettering it");
-            let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
-            core.metrics.dead_lettered.inc();
-            return Handled::Settled;
-        }
-    };
-    if let Some(age) = queued_for(&envelope) {
-        core.metrics
-            .agent_oldest_message_age
-            .with_label_values(&[agent_id])
-            .set(age);
-    }
     let mut pauses = retry_pauses(core);
     let mut attempt = 0u32;
+    let mut message = message;
+    let mut failure = failure;
     loop {
-        let (delivery_id, answer) = d.acks.register();
-        if d.transport.deliver(delivery_id, &envelope, attempt).await.is_err() {
-            d.acks.forget(delivery_id);
+        if d.drain.is_cancelled() {
+            // A shutdown does not wait out retries: the message returns to the queue.
             return Handled::Left;
         }
-        // A draining session still waits for this answer; an aborted one leaves it to the queue.
-        let answer = tokio::select! {
-            () = d.abort.cancelled() => { d.acks.forget(delivery_id); return Handled::Left }
-            a = tokio::time::timeout(core.cfg.delivery_timeout(), answer) => a.ok().and_then(Result::ok),
-        };
-        if answer.is_none() {
-            d.acks.forget(delivery_id);
-        }
-        let reason = match verdict(answer, Instant::now() < d.race_window_until) {
-            Verdict::Delivered => {
-                core.metrics.delivered.inc();
-                if let Some(waited) = queued_for(&envelope) {
-                    core.metrics.queue_wait.observe(waited);
-                }
-                if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
-                    tracing::warn!(agent_id, message_id = %envelope.id, error = %e, "ack to RabbitMQ failed; the message will be redelivered");
-                }
-                tracing::debug!(agent_id, message_id = %envelope.id, "delivered");
-                return Handled::Settled;
-            }
-            Verdict::Undecryptable(errors) => {
-                router::record_validation_failure(core, envelope.to_value(), errors).await;
-                let _ = delivery.ack(BasicAckOptions::default()).await;
-                return Handled::Settled;
-            }
-            Verdict::Retry(reason) => reason,
+        match failure {
             Verdict::StartupRace => {
                 core.metrics.startup_race_redeliveries.inc();
-                tracing::info!(agent_id, message_id = %envelope.id, "DECRYPTION_FAILED right after the agent connected (it may not have stored the directory yet): delivering again");
-                tokio::select! {
-                    () = d.abort.cancelled() => return Handled::Left,
-                    () = d.drain.cancelled() => return Handled::Left,
-                    () = tokio::time::sleep(STARTUP_RACE_PAUSE) => {}
+                tracing::info!(agent_id, message_id = %message.envelope.id, "DECRYPTION_FAILED right after the agent connected (it may not have stored the directory yet): delivering again");
+                if pause(d, STARTUP_RACE_PAUSE).await.is_err() {
+                    return Handled::Left;
                 }
-                continue;
             }
-        };
-        attempt += 1;
-        tracing::warn!(agent_id, message_id = %envelope.id, attempt, %reason, "delivery failed");
-        let Some(pause) = pauses.next() else {
-            dead_letter(core, agent_id, &envelope, delivery, attempt, &reason).await;
-            return Handled::Settled;
-        };
-        core.metrics.delivery_retries.inc();
-        tokio::select! {
-            () = d.abort.cancelled() => return Handled::Left,
-            () = d.drain.cancelled() => return Handled::Left,
-            () = tokio::time::sleep(pause) => {}
+            Verdict::Retry(reason) => {
+                attempt += 1;
+                tracing::warn!(agent_id, message_id = %message.envelope.id, attempt, %reason, "delivery failed");
+                let Some(wait) = pauses.next() else {
+                    dead_letter(core, agent_id, &message.envelope, message.delivery, attempt, &reason).await;
+                    return Handled::Settled;
+                };
+                core.metrics.delivery_retries.inc();
+                if pause(d, wait).await.is_err() {
+                    return Handled::Left;
+                }
+            }
+            Verdict::Delivered | Verdict::Undecryptable(_) => return Handled::Settled,
         }
+        record_oldest(core, agent_id, Some(&message));
+        let Ok(f) = hand_over(d, message, attempt, *epoch).await else {
+            return Handled::Left;
+        };
+        // A draining session still waits for this answer; an aborted one leaves it to the queue.
+        let answer = tokio::select! {
+            () = d.abort.cancelled() => { d.acks.forget(f.delivery_id); return Handled::Left }
+            a = tokio::time::timeout(core.cfg.delivery_timeout(), f.answer) => a.ok().and_then(Result::ok),
+        };
+        if answer.is_none() {
+            d.acks.forget(f.delivery_id);
+        }
+        match settle(d, f.message, answer).await {
+            Settle::Done => return Handled::Settled,
+            Settle::Failed(m, v) => {
+                message = *m;
+                failure = v;
+                if T::PIPELINES {
+                    *epoch += 1;
+                }
+            }
+        }
+    }
+}
+
+/// Sleeps `wait`, unless the session aborts or drains first (`Err`).
+async fn pause<T: Transport>(d: &Deliveries<T>, wait: Duration) -> Result<(), ()> {
+    tokio::select! {
+        () = d.abort.cancelled() => Err(()),
+        () = d.drain.cancelled() => Err(()),
+        () = tokio::time::sleep(wait) => Ok(()),
     }
 }
 

@@ -5,7 +5,7 @@
 use crate::Core;
 use crate::delivery::DeliveryAnswer;
 use crate::metrics::GRPC_NAMESPACE;
-use crate::router::SendOutcome;
+use crate::router::{SendBody, SendOutcome};
 use crate::session::{self, CloseReason, Gone, Inbound, Transport};
 use dmr::MessageError;
 use dmr::directory::{AgentEntry, Directory};
@@ -131,8 +131,7 @@ fn inbound(
                 count("send");
                 let message = send
                     .envelope
-                    .map(|e| Envelope::from_proto(e).to_value())
-                    .unwrap_or(serde_json::Value::Null);
+                    .map_or(SendBody::Json(serde_json::Value::Null), SendBody::Proto);
                 Some(Inbound::Send {
                     message,
                     reply: send.correlation_id,
@@ -216,11 +215,12 @@ impl Transport for GrpcTransport {
         Ok(())
     }
 
-    async fn deliver(&self, delivery_id: u64, envelope: &Envelope, attempt: u32) -> Result<(), Gone> {
+    async fn deliver(&self, delivery_id: u64, envelope: &Envelope, attempt: u32, epoch: u64) -> Result<(), Gone> {
         let delivery = Delivery {
             delivery_id,
             envelope: Some(envelope.to_proto()),
             attempt,
+            epoch,
         };
         self.send(OutFrame::Delivery(delivery), "delivery").await
     }
@@ -239,6 +239,7 @@ impl Transport for GrpcTransport {
     }
 
     const ANNOUNCES_CLOSE: bool = true;
+    const PIPELINES: bool = true;
 
     async fn closing(&self, reason: CloseReason) {
         let closing = SessionClosing {

@@ -18,7 +18,7 @@
 use crate::Core;
 use crate::broker::TokenRecord;
 use crate::delivery::DeliveryAnswer;
-use crate::router::SendOutcome;
+use crate::router::{SendBody, SendOutcome};
 use crate::session::{self, CloseReason, Gone, Inbound, Transport};
 use dmr::directory::{AgentEntry, Directory};
 use dmr::envelope::Envelope;
@@ -248,8 +248,10 @@ async fn on_connect(socket: SocketRef, State(core): State<Arc<Core>>) {
                     if let Err(
                         mpsc::error::TrySendError::Full(Inbound::Send { reply, .. })
                         | mpsc::error::TrySendError::Closed(Inbound::Send { reply, .. }),
-                    ) = send_tx.try_send(Inbound::Send { message, reply: ack })
-                    {
+                    ) = send_tx.try_send(Inbound::Send {
+                        message: SendBody::Json(message),
+                        reply: ack,
+                    }) {
                         let _ = reply.send(&json!({"status": "error", "error": "too many messages in flight; retry"}));
                     }
                 }
@@ -327,7 +329,7 @@ impl Transport for SocketTransport {
         self.emit(events::PARTIAL_LIST, &vec![list])
     }
 
-    async fn deliver(&self, delivery_id: u64, envelope: &Envelope, _attempt: u32) -> Result<(), Gone> {
+    async fn deliver(&self, delivery_id: u64, envelope: &Envelope, _attempt: u32, _epoch: u64) -> Result<(), Gone> {
         let ack = self
             .socket
             .emit_with_ack::<_, Value>(events::MESSAGE_FROM_SERVER, &envelope.to_value())

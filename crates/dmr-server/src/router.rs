@@ -70,9 +70,17 @@ pub fn backlog_detail(depth: u32) -> String {
     )
 }
 
-/// Validates `raw` from `agent_id` and starts publishing it. The returned future resolves to the
+/// A send as its transport received it.
+pub enum SendBody {
+    /// A legacy agent's JSON message.
+    Json(Value),
+    /// A gRPC `SendRequest.envelope` (validated as is, never turned into JSON unless invalid).
+    Proto(dmr::proto::Envelope),
+}
+
+/// Validates `body` from `agent_id` and starts publishing it. The returned future resolves to the
 /// outcome; the publish frame itself is written before this function returns, which keeps order.
-pub async fn start_send(core: &Arc<Core>, agent_id: &str, raw: Value) -> impl Future<Output = SendOutcome> + use<> {
+pub async fn start_send(core: &Arc<Core>, agent_id: &str, body: SendBody) -> impl Future<Output = SendOutcome> + use<> {
     let validated = {
         let directory = core.directory.current();
         let known = |id: &str| directory.contains(id);
@@ -81,7 +89,12 @@ pub async fn start_send(core: &Arc<Core>, agent_id: &str, raw: Value) -> impl Fu
             is_known_agent: &known,
             max_payload_bytes: core.cfg.message_max_payload_bytes,
         };
-        envelope::validate(&raw, &ctx)
+        match body {
+            SendBody::Json(raw) => envelope::validate(&raw, &ctx).map_err(|errors| (raw, errors)),
+            SendBody::Proto(e) => {
+                envelope::validate_proto(e, &ctx).map_err(|(errors, e)| (Envelope::from_proto(e).to_value(), errors))
+            }
+        }
     };
     let core = core.clone();
     let validated = match validated {
@@ -97,10 +110,10 @@ pub async fn start_send(core: &Arc<Core>, agent_id: &str, raw: Value) -> impl Fu
             }
             None => Ok(env),
         },
-        Err(errors) => Err(errors),
+        Err(invalid) => Err(invalid),
     };
     let publish = match validated {
-        Err(errors) => Err((raw, errors)),
+        Err(invalid) => Err(invalid),
         Ok(mut env) => {
             env.received_at = Some(dmr::time::now_iso());
             tracing::debug!(message_id = %env.id, sender_id = %env.sender_id, recipient_id = %env.recipient_id, "queueing message");

@@ -106,3 +106,30 @@ pub fn server_env(
         ("RABBITMQ_VALIDATION_FAILURES_QUEUE".into(), vf_queue.to_owned()),
     ]
 }
+
+/// The environment of a `dmr agent` process for `creds` on REST port `port`, connecting to the
+/// gRPC addresses `servers` (comma-separated `https://localhost:<port>` URLs) and posting what it
+/// receives to `endpoint`.
+pub fn agent_env(
+    pki: &crate::TestPki,
+    creds: &dmr_pki::AgentCredentials,
+    port: u16,
+    servers: &str,
+    endpoint: &str,
+) -> Vec<(String, String)> {
+    let cert = pki.write(&format!("{}.crt", creds.id), &creds.cert_pem);
+    vec![
+        ("PORT".into(), port.to_string()),
+        ("BIND_ADDRESS".into(), "127.0.0.1".into()),
+        ("AGENT_ID".into(), creds.id.clone()),
+        ("AGENT_PRIVATE_KEY".into(), creds.key_pem.clone()),
+        ("TLS_CERT_FILE".into(), cert.display().to_string()),
+        ("TLS_CA_FILE".into(), pki.ca_file.display().to_string()),
+        ("DMR_SERVER_GRPC_URL".into(), servers.to_owned()),
+        ("OUTGOING_MESSAGE_ENDPOINT".into(), endpoint.to_owned()),
+        ("OUTGOING_MESSAGE_TIMEOUT_MS".into(), "1000".into()),
+        ("WEBSOCKET_RECONNECTION_DELAY".into(), "200".into()),
+        ("WEBSOCKET_RECONNECTION_DELAY_MAX".into(), "1000".into()),
+        ("SHUTDOWN_TIMEOUT_MS".into(), "5000".into()),
+    ]
+}

@@ -102,7 +102,11 @@ impl RunningAgent {
         }
     }
 
+    /// Stops the agent and waits for it; a second call does nothing.
     pub async fn shutdown(&mut self) {
+        if self.stop.is_cancelled() && self.task.is_finished() {
+            return;
+        }
         self.stop.cancel();
         let _ = (&mut self.task).await;
     }

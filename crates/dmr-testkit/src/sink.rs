@@ -2,6 +2,7 @@
 //! (`OUTGOING_MESSAGE_ENDPOINT`), recording what arrives, with a settable answer and delay.
 
 use serde_json::Value;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,6 +18,10 @@ pub struct Sink {
     pub hits: Arc<AtomicU16>,
     /// Every answer waits this long first (a slow endpoint).
     pub delay_ms: Arc<AtomicU64>,
+    /// The `id` of every POST, whatever the answer, in arrival order.
+    pub posted_ids: Arc<Mutex<Vec<String>>>,
+    /// Message ids to refuse (500) once each, whatever `status` says.
+    pub refuse_once: Arc<Mutex<HashSet<String>>>,
 }
 
 impl Sink {
@@ -25,20 +30,30 @@ impl Sink {
         let status = Arc::new(AtomicU16::new(200));
         let hits = Arc::new(AtomicU16::new(0));
         let delay_ms = Arc::new(AtomicU64::new(0));
+        let posted_ids = Arc::new(Mutex::new(Vec::new()));
+        let refuse_once = Arc::new(Mutex::new(HashSet::new()));
         let (r, s, h, d) = (received.clone(), status.clone(), hits.clone(), delay_ms.clone());
+        let (posted, refuse) = (posted_ids.clone(), refuse_once.clone());
         let app = axum::Router::new().route(
             "/",
             axum::routing::post(move |body: axum::body::Bytes| {
                 let (r, s, h, d) = (r.clone(), s.clone(), h.clone(), d.clone());
+                let (posted, refuse) = (posted.clone(), refuse.clone());
                 async move {
                     h.fetch_add(1, Ordering::SeqCst);
+                    let value: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                    let id = value["id"].as_str().unwrap_or_default().to_owned();
+                    lock(&posted).push(id.clone());
+                    if lock(&refuse).remove(&id) {
+                        return axum::http::StatusCode::INTERNAL_SERVER_ERROR;
+                    }
                     let delay = d.load(Ordering::SeqCst);
                     if delay > 0 {
                         tokio::time::sleep(Duration::from_millis(delay)).await;
                     }
                     let code = s.load(Ordering::SeqCst);
                     if code < 300 {
-                        lock(&r).push(serde_json::from_slice(&body).unwrap_or(Value::Null));
+                        lock(&r).push(value);
                     }
                     axum::http::StatusCode::from_u16(code).unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR)
                 }
@@ -53,7 +68,19 @@ impl Sink {
             status,
             hits,
             delay_ms,
+            posted_ids,
+            refuse_once,
         }
+    }
+
+    /// Refuses the message with this id (500) the next time it is posted.
+    pub fn refuse_once(&self, id: &str) {
+        lock(&self.refuse_once).insert(id.to_owned());
+    }
+
+    /// The ids of every POST so far, whatever the answer, in arrival order.
+    pub fn posted_ids(&self) -> Vec<String> {
+        lock(&self.posted_ids).clone()
     }
 
     pub fn set_delay(&self, delay: Duration) {

@@ -27,13 +27,12 @@ mod sends;
 use crate::Core;
 use crate::delivery::{self, DeliveryAnswer, PendingAcks};
 use crate::directory::{self, SessionUpdate};
-use crate::router::SendOutcome;
+use crate::router::{SendBody, SendOutcome};
 use dmr::directory::{AgentEntry, Directory};
 use dmr::envelope::Envelope;
 use futures::{Stream, StreamExt as _};
 pub use registry::SessionRegistry;
 use registry::SessionTicket;
-use serde_json::Value;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -106,7 +105,7 @@ pub enum Inbound<R> {
     /// A message to route, with what the transport needs to answer it.
     Send {
         /// The envelope as the agent sent it (validated by the router).
-        message: Value,
+        message: SendBody,
         /// Where the answer goes (a correlation id, an ack callback).
         reply: R,
     },
@@ -140,7 +139,13 @@ pub trait Transport: Send + Sync + 'static {
         delivery_id: u64,
         envelope: &Envelope,
         attempt: u32,
+        epoch: u64,
     ) -> impl Future<Output = Result<(), Gone>> + Send;
+    /// True if the agent takes several deliveries ahead of its answers, posts them in order,
+    /// answers in order, and holds back (answers without posting) the deliveries of the same
+    /// `epoch` behind one its endpoint refused: the gRPC agent does (proto `Delivery.epoch`).
+    /// Otherwise deliveries go one at a time (and `epoch` is 0).
+    const PIPELINES: bool = false;
     /// Answers one send.
     fn answer(&self, reply: Self::Reply, outcome: &SendOutcome) -> impl Future<Output = ()> + Send;
     /// Echoes a ping.

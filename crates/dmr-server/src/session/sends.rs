@@ -5,7 +5,7 @@
 use super::Transport;
 use crate::Core;
 use crate::router;
-use serde_json::Value;
+use crate::router::SendBody;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::Semaphore;
@@ -32,7 +32,7 @@ impl<T: Transport> SendPipeline<T> {
 
     /// Waits for a free slot, writes the publish frame (so order is kept), and answers the send in
     /// the background once its outcome is known.
-    pub(super) async fn start(&self, message: Value, reply: T::Reply) {
+    pub(super) async fn start(&self, message: SendBody, reply: T::Reply) {
         // The semaphore is never closed, so acquiring only fails if it were.
         let Ok(slot) = self.slots.clone().acquire_owned().await else {
             return;
