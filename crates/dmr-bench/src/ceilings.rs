@@ -1,7 +1,7 @@
 //! The in-run ceilings: RabbitMQ driven directly with the server's settings, and the RSA
 //! private-key operations of the library the agents use.
 
-use crate::measure::{CpuSnapshot, Percentiles, Row, reset_peak_rss, status_kib};
+use crate::measure::{CpuSnapshot, Percentiles, Row, reset_peak_rss, status_kib, thread_cpu_ns};
 use crate::now_ns;
 use dmr_server::config::RabbitConfig;
 use futures::StreamExt as _;
@@ -201,42 +201,63 @@ async fn broker_inner(
     Ok(row)
 }
 
+/// What [`ops_per_second`] measured: throughput, and the CPU time each operation took (the
+/// worker threads' own CPU clocks, so it does not depend on what else the machine runs).
+#[derive(Debug, Clone, Copy)]
+pub struct OpRate {
+    pub per_s: f64,
+    pub cpu_ms_per_op: f64,
+}
+
 /// Operations per second of `op` on `threads` threads for about `seconds`.
-fn ops_per_second(threads: usize, seconds: f64, op: impl Fn() + Sync) -> f64 {
+fn ops_per_second(threads: usize, seconds: f64, op: impl Fn() + Sync) -> OpRate {
     let started = Instant::now();
-    let total: u64 = std::thread::scope(|s| {
+    let (total, cpu_ns): (u64, u64) = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|_| {
                 s.spawn(|| {
+                    let cpu0 = thread_cpu_ns();
                     let mut n = 0u64;
                     while started.elapsed().as_secs_f64() < seconds {
                         op();
                         n += 1;
                     }
-                    n
+                    (n, thread_cpu_ns().saturating_sub(cpu0))
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or(0)).sum()
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or((0, 0)))
+            .fold((0, 0), |(n, c), (dn, dc)| (n + dn, c + dc))
     });
-    total as f64 / started.elapsed().as_secs_f64()
+    OpRate {
+        per_s: total as f64 / started.elapsed().as_secs_f64(),
+        cpu_ms_per_op: cpu_ns as f64 / 1e6 / (total.max(1) as f64),
+    }
 }
 
 /// RSA-2048 figures with `dmr::keys` (aws-lc-rs), the agents' library.
 pub struct Crypto {
-    /// RS256 signatures/s with 1 and 2 threads.
-    pub sign: [f64; 2],
-    /// RSA-OAEP (SHA-1) decryptions/s with 1 and 2 threads.
-    pub decrypt: [f64; 2],
-    /// Complete `jose::seal` + `jose::open` of a small message per second on 2 threads.
-    pub seal_open: f64,
+    /// RS256 signatures with 1 and 2 threads.
+    pub sign: [OpRate; 2],
+    /// RSA-OAEP (SHA-1) decryptions with 1 and 2 threads.
+    pub decrypt: [OpRate; 2],
+    /// Complete `jose::seal` + `jose::open` of a small message on 2 threads.
+    pub seal_open: OpRate,
 }
 
 impl Crypto {
     /// Messages per second the two private-key operations every message costs (the sender's
     /// signature, the recipient's decryption) allow on two threads: 1 / (1/sign + 1/decrypt).
     pub fn ceiling(&self) -> f64 {
-        1.0 / (1.0 / self.sign[1] + 1.0 / self.decrypt[1])
+        1.0 / (1.0 / self.sign[1].per_s + 1.0 / self.decrypt[1].per_s)
+    }
+
+    /// CPU milliseconds of those two operations for one message (2-thread runs, thread CPU
+    /// clocks): the RSA work no implementation can avoid.
+    pub fn rsa_cpu_ms_per_msg(&self) -> f64 {
+        self.sign[1].cpu_ms_per_op + self.decrypt[1].cpu_ms_per_op
     }
 }
 
@@ -269,4 +290,49 @@ pub fn crypto(seconds: f64) -> anyhow::Result<Crypto> {
         decrypt: [decrypt(1), decrypt(2)],
         seal_open,
     })
+}
+
+/// The combined ceiling: what the machine's cores allow when every message costs at least the
+/// unavoidable RSA work (one RS256 signature + one OAEP decryption) and RabbitMQ's publish +
+/// consume of one message, each as measured alone in this run.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Combined {
+    pub cores: usize,
+    /// CPU ms per message of the RSA private-key operations ([`Crypto::rsa_cpu_ms_per_msg`]).
+    pub rsa_ms: f64,
+    /// CPU ms per message of RabbitMQ itself (`beam.smp`) in the 1-queue broker ceiling.
+    pub rabbit_beam_ms: f64,
+    /// CPU ms per message of the AMQP client side in that ceiling (publisher, consumer, lapin's I/O
+    /// thread: what the server's broker client does in production).
+    pub rabbit_client_ms: f64,
+}
+
+impl Combined {
+    /// From the crypto figures and the 1-queue broker ceiling's row (`None` without the
+    /// broker's CPU time, i.e. when RabbitMQ's process is not visible).
+    pub fn of(crypto: &Crypto, broker_1q: &Row) -> Option<Self> {
+        let cpu = broker_1q.cpu_s.as_ref()?;
+        let n = broker_1q.messages.max(1) as f64;
+        Some(Self {
+            cores: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            rsa_ms: crypto.rsa_cpu_ms_per_msg(),
+            rabbit_beam_ms: cpu.broker? * 1000.0 / n,
+            rabbit_client_ms: cpu.harness * 1000.0 / n,
+        })
+    }
+
+    /// RabbitMQ's share: broker plus its clients.
+    pub fn rabbit_ms(&self) -> f64 {
+        self.rabbit_beam_ms + self.rabbit_client_ms
+    }
+
+    /// msg/s = cores ÷ (RSA + RabbitMQ CPU per message), in seconds.
+    pub fn msg_per_s(&self) -> f64 {
+        self.cores as f64 * 1000.0 / (self.rsa_ms + self.rabbit_ms())
+    }
+
+    /// The same with RabbitMQ's own process only (no client side).
+    pub fn msg_per_s_beam_only(&self) -> f64 {
+        self.cores as f64 * 1000.0 / (self.rsa_ms + self.rabbit_beam_ms)
+    }
 }

@@ -4,16 +4,20 @@
 //! plaintext's arrival at the sink. REST response times are reported in their own row.
 //!
 //! Sending agents run on one runtime (threads `agent-snd`), receiving agents on another
-//! (`agent-rcv`), the server on a third (`srv`), clients and sink on the bench's own.
+//! (`agent-rcv`), the server on a third (`srv`), clients and sink on the bench's own. The set-up
+//! ([`Rig`]), the sink, the load generator ([`drive`], [`post_one`]: 2xx answers are accepted,
+//! any other answer is counted by status as a refusal) are shared with the pair scenario
+//! (`pair.rs`).
 
 use crate::fixture::{ServerHandle, centops_file, delete_queues, runtime, server_config};
 use crate::measure::{CpuSnapshot, Percentiles, Row, reset_peak_rss, status_kib};
 use crate::now_ns;
 use dmr_server::config::RabbitConfig;
 use dmr_testkit::{TestPki, base_agent_config, v1_message};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -33,14 +37,30 @@ pub struct E2ePlan {
     pub seconds: f64,
 }
 
+/// The endpoint the receiving agents POST plaintext to. Counts only messages sent at or after
+/// `from_ns` (the current load's start): a backlog left by an earlier load is counted apart.
 #[derive(Default)]
-struct Sink {
-    latencies: Mutex<Vec<Duration>>,
-    last: Mutex<Option<Instant>>,
-    received: AtomicUsize,
+pub(crate) struct Sink {
+    pub latencies: Mutex<Vec<Duration>>,
+    pub last: Mutex<Option<Instant>>,
+    pub received: AtomicUsize,
+    /// Messages of an earlier load that arrived during this one.
+    pub stale: AtomicUsize,
+    from_ns: AtomicU64,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+impl Sink {
+    /// Starts counting afresh for messages sent from now on.
+    pub fn reset(&self) {
+        self.from_ns.store(now_ns(), Ordering::SeqCst);
+        lock(&self.latencies).clear();
+        *lock(&self.last) = None;
+        self.received.store(0, Ordering::SeqCst);
+        self.stale.store(0, Ordering::SeqCst);
+    }
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
@@ -55,6 +75,10 @@ async fn start_sink(sink: Arc<Sink>) -> anyhow::Result<String> {
                     .as_str()
                     .and_then(|s| s.parse::<u64>().ok());
                 if let Some(sent) = sent {
+                    if sent < sink.from_ns.load(Ordering::SeqCst) {
+                        sink.stale.fetch_add(1, Ordering::SeqCst);
+                        return axum::http::StatusCode::OK;
+                    }
                     lock(&sink.latencies).push(Duration::from_nanos(now_ns().saturating_sub(sent)));
                     *lock(&sink.last) = Some(Instant::now());
                     sink.received.fetch_add(1, Ordering::SeqCst);
@@ -90,6 +114,101 @@ async fn start_agent(
     rx.await?.map_err(|e| anyhow::anyhow!("agent: {e}"))
 }
 
+/// Server, sink and `pairs` sending/receiving agents, connected and ready.
+pub(crate) struct Rig {
+    /// REST address of each sending agent and the id of its recipient.
+    pub targets: Vec<(SocketAddr, String)>,
+    pub sink: Arc<Sink>,
+    agents: Vec<dmr_pki::AgentCredentials>,
+    server: ServerHandle,
+    senders_rt: tokio::runtime::Runtime,
+    receivers_rt: tokio::runtime::Runtime,
+    stop: CancellationToken,
+    // Holds the CA and the agents' files for as long as the rig runs.
+    pki: TestPki,
+}
+
+impl Rig {
+    /// Starts the server (`srv` threads), the sink (the bench's runtime), sending agents on one
+    /// runtime (`agent-snd`) and receiving agents on another (`agent-rcv`), and waits until every
+    /// agent is connected with the whole directory.
+    pub async fn start(rabbit: &RabbitConfig, pairs: usize, cache: &Path) -> anyhow::Result<Self> {
+        let pki = TestPki::try_new()?;
+        let agents = pki.agents_with_cached_keys(pairs * 2, cache)?;
+        let cfg = server_config(&pki, &centops_file(&pki, &agents)?, rabbit);
+        let server = ServerHandle::start(cfg).await?;
+        let sink = Arc::new(Sink::default());
+        let sink_url = start_sink(sink.clone()).await?;
+        let mut rig = Self {
+            targets: Vec::new(),
+            sink,
+            agents,
+            server,
+            senders_rt: runtime("agent-snd")?,
+            receivers_rt: runtime("agent-rcv")?,
+            stop: CancellationToken::new(),
+            pki,
+        };
+        match rig.connect(&sink_url).await {
+            Ok(targets) => {
+                rig.targets = targets;
+                Ok(rig)
+            }
+            Err(e) => {
+                let _ = rig.stop(rabbit).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn connect(&self, sink_url: &str) -> anyhow::Result<Vec<(SocketAddr, String)>> {
+        let mut targets = Vec::new();
+        let mut links = Vec::new();
+        for (i, creds) in self.agents.iter().enumerate() {
+            let cfg = base_agent_config(&self.pki, creds, self.server.grpc, sink_url);
+            let rt = if i % 2 == 0 {
+                &self.senders_rt
+            } else {
+                &self.receivers_rt
+            };
+            let (addr, link) = start_agent(rt, cfg, self.stop.clone()).await?;
+            if i % 2 == 0 {
+                targets.push((addr, self.agents[i + 1].id.clone()));
+            }
+            links.push(link);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !links
+            .iter()
+            .all(|l| l.is_connected() && l.directory().len() == self.agents.len())
+        {
+            anyhow::ensure!(Instant::now() < deadline, "agents did not connect within 30 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(targets)
+    }
+
+    /// Stops agents and server and deletes every queue the run created.
+    pub async fn stop(self, rabbit: &RabbitConfig) -> anyhow::Result<()> {
+        self.stop.cancel();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        self.senders_rt.shutdown_background();
+        self.receivers_rt.shutdown_background();
+        let vf = self.server.validation_failures_queue();
+        self.server.stop().await;
+        delete_queues(&rabbit.uri(), &self.agents, &[vf]).await?;
+        Ok(())
+    }
+}
+
+/// The HTTP client the load generators use.
+pub(crate) fn http_client() -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .pool_max_idle_per_host(1024)
+        .tcp_nodelay(true)
+        .build()?)
+}
+
 pub async fn run(
     rabbit: &RabbitConfig,
     plan: &E2ePlan,
@@ -97,54 +216,42 @@ pub async fn run(
     broker_pid: Option<u32>,
     crypto_ceiling: f64,
 ) -> anyhow::Result<Vec<Row>> {
-    let pki = TestPki::try_new()?;
-    let agents = pki.agents_with_cached_keys(plan.pairs * 2, cache)?;
-    let cfg = server_config(&pki, &centops_file(&pki, &agents)?, rabbit);
-    let server = ServerHandle::start(cfg).await?;
-    let vf = server.validation_failures_queue();
-    let sink = Arc::new(Sink::default());
-    let sink_url = start_sink(sink.clone()).await?;
-    let senders_rt = runtime("agent-snd")?;
-    let receivers_rt = runtime("agent-rcv")?;
-    let stop = CancellationToken::new();
-    let mut rest = Vec::new();
-    let mut links = Vec::new();
-    for (i, creds) in agents.iter().enumerate() {
-        let cfg = base_agent_config(&pki, creds, server.grpc, &sink_url);
-        let rt = if i % 2 == 0 { &senders_rt } else { &receivers_rt };
-        let (addr, link) = start_agent(rt, cfg, stop.clone()).await?;
-        if i % 2 == 0 {
-            rest.push((addr, agents[i + 1].id.clone()));
-        }
-        links.push(link);
-    }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !links
-        .iter()
-        .all(|l| l.is_connected() && l.directory().len() == agents.len())
-    {
-        anyhow::ensure!(Instant::now() < deadline, "agents did not connect within 30 s");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let result = sweep(&rest, &sink, plan, broker_pid, crypto_ceiling).await;
-    stop.cancel();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    senders_rt.shutdown_background();
-    receivers_rt.shutdown_background();
-    server.stop().await;
-    delete_queues(&rabbit.uri(), &agents, &[vf]).await?;
+    let rig = Rig::start(rabbit, plan.pairs, cache).await?;
+    let result = sweep(&rig.targets, &rig.sink, plan, broker_pid, crypto_ceiling).await;
+    rig.stop(rabbit).await?;
     result
 }
 
+/// What the load generator saw of the REST answers.
 #[derive(Default)]
-struct Clients {
-    rest: Mutex<Vec<Duration>>,
-    refused: AtomicUsize,
-    first_refusal: Mutex<Option<String>>,
-    sent: AtomicUsize,
+pub(crate) struct Clients {
+    /// Response time of every answer (any status, and transport errors).
+    pub rest: Mutex<Vec<Duration>>,
+    /// Response time of the 2xx answers.
+    pub accepted_rest: Mutex<Vec<Duration>>,
+    pub accepted: AtomicUsize,
+    /// Non-2xx answers and transport errors.
+    pub refused: AtomicUsize,
+    /// Refusals by status code ("429") or "error" for transport errors.
+    pub refusals: Mutex<BTreeMap<String, usize>>,
+    pub first_refusal: Mutex<Option<String>>,
+    pub sent: AtomicUsize,
 }
 
-async fn post_one(http: &reqwest::Client, target: &(SocketAddr, String), clients: &Clients) {
+impl Clients {
+    /// "429×12, 503×1" (empty when there were none).
+    pub fn refusals_text(&self) -> String {
+        lock(&self.refusals)
+            .iter()
+            .map(|(k, n)| format!("{k}×{n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// POSTs one v1 message (README-shaped, `dmr_testkit::v1_message`) to `target`, with the instant
+/// it started as its content.
+pub(crate) async fn post_one(http: &reqwest::Client, target: &(SocketAddr, String), clients: &Clients) {
     let started = Instant::now();
     let body = v1_message(&target.1, &now_ns().to_string());
     clients.sent.fetch_add(1, Ordering::SeqCst);
@@ -156,13 +263,70 @@ async fn post_one(http: &reqwest::Client, target: &(SocketAddr, String), clients
     let elapsed = started.elapsed();
     lock(&clients.rest).push(elapsed);
     let refusal = match outcome {
-        Ok(r) if r.status() == reqwest::StatusCode::OK => None,
-        Ok(r) => Some(format!("{} {}", r.status(), r.text().await.unwrap_or_default())),
-        Err(e) => Some(e.to_string()),
+        Ok(r) if r.status().is_success() => None,
+        Ok(r) => Some((
+            r.status().as_u16().to_string(),
+            format!("{} {}", r.status(), r.text().await.unwrap_or_default()),
+        )),
+        Err(e) => Some(("error".to_owned(), e.to_string())),
     };
-    if let Some(why) = refusal {
-        clients.refused.fetch_add(1, Ordering::SeqCst);
-        lock(&clients.first_refusal).get_or_insert(why);
+    match refusal {
+        None => {
+            lock(&clients.accepted_rest).push(elapsed);
+            clients.accepted.fetch_add(1, Ordering::SeqCst);
+        }
+        Some((code, why)) => {
+            clients.refused.fetch_add(1, Ordering::SeqCst);
+            *lock(&clients.refusals).entry(code).or_default() += 1;
+            lock(&clients.first_refusal).get_or_insert(why);
+        }
+    }
+}
+
+/// Offers `load` for `seconds` from `t0` and returns once every POST started has been answered.
+pub(crate) async fn drive(
+    http: &reqwest::Client,
+    targets: &[(SocketAddr, String)],
+    clients: &Arc<Clients>,
+    load: Load,
+    t0: Instant,
+    seconds: f64,
+) {
+    let end = t0 + Duration::from_secs_f64(seconds);
+    match load {
+        Load::Rate(rate) => {
+            let outstanding = Arc::new(tokio::sync::Semaphore::new(512));
+            let mut handles = Vec::new();
+            for i in 0.. {
+                let at = t0 + Duration::from_secs_f64(i as f64 / rate);
+                if at >= end {
+                    break;
+                }
+                tokio::time::sleep_until(at.into()).await;
+                let Ok(permit) = outstanding.clone().acquire_owned().await else {
+                    break;
+                };
+                let (http, clients, target) = (http.clone(), clients.clone(), targets[i % targets.len()].clone());
+                handles.push(tokio::spawn(async move {
+                    post_one(&http, &target, &clients).await;
+                    drop(permit);
+                }));
+            }
+            futures::future::join_all(handles).await;
+        }
+        Load::Clients(n) => {
+            let handles: Vec<_> = (0..n)
+                .map(|c| {
+                    let (http, clients, target) = (http.clone(), clients.clone(), targets[c % targets.len()].clone());
+                    tokio::spawn(async move {
+                        while Instant::now() < end {
+                            post_one(&http, &target, &clients).await;
+                        }
+                    })
+                })
+                .collect();
+            futures::future::join_all(handles).await;
+        }
     }
 }
 
@@ -173,10 +337,7 @@ async fn sweep(
     broker_pid: Option<u32>,
     crypto_ceiling: f64,
 ) -> anyhow::Result<Vec<Row>> {
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(1024)
-        .tcp_nodelay(true)
-        .build()?;
+    let http = http_client()?;
     // Warm-up: connections, first RSA operations; not reported.
     one_load(&http, rest, sink, Load::Clients(4), 0.5, broker_pid).await;
     let mut rows = Vec::new();
@@ -204,49 +365,12 @@ async fn one_load(
     seconds: f64,
     broker_pid: Option<u32>,
 ) -> (Row, Row) {
-    lock(&sink.latencies).clear();
-    *lock(&sink.last) = None;
-    sink.received.store(0, Ordering::SeqCst);
+    sink.reset();
     let clients = Arc::new(Clients::default());
     reset_peak_rss();
     let cpu0 = CpuSnapshot::take(broker_pid);
     let t0 = Instant::now();
-    let end = t0 + Duration::from_secs_f64(seconds);
-    match load {
-        Load::Rate(rate) => {
-            let outstanding = Arc::new(tokio::sync::Semaphore::new(512));
-            let mut handles = Vec::new();
-            for i in 0.. {
-                let at = t0 + Duration::from_secs_f64(i as f64 / rate);
-                if at >= end {
-                    break;
-                }
-                tokio::time::sleep_until(at.into()).await;
-                let Ok(permit) = outstanding.clone().acquire_owned().await else {
-                    break;
-                };
-                let (http, clients, target) = (http.clone(), clients.clone(), rest[i % rest.len()].clone());
-                handles.push(tokio::spawn(async move {
-                    post_one(&http, &target, &clients).await;
-                    drop(permit);
-                }));
-            }
-            futures::future::join_all(handles).await;
-        }
-        Load::Clients(n) => {
-            let handles: Vec<_> = (0..n)
-                .map(|c| {
-                    let (http, clients, target) = (http.clone(), clients.clone(), rest[c % rest.len()].clone());
-                    tokio::spawn(async move {
-                        while Instant::now() < end {
-                            post_one(&http, &target, &clients).await;
-                        }
-                    })
-                })
-                .collect();
-            futures::future::join_all(handles).await;
-        }
-    }
+    drive(http, rest, &clients, load, t0, seconds).await;
     let sent = clients.sent.load(Ordering::SeqCst);
     let refused = clients.refused.load(Ordering::SeqCst);
     let accepted = sent - refused;
@@ -291,4 +415,38 @@ async fn one_load(
         ..Row::default()
     };
     (e2e, rest_row)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 429 (or any non-2xx) answer is a refusal, counted by status, never an acceptance.
+    #[tokio::test]
+    async fn non_2xx_answers_are_counted_apart_from_accepted_ones() {
+        let status = Arc::new(AtomicUsize::new(429));
+        let s = status.clone();
+        let app = axum::Router::new().route(
+            "/v1/messages",
+            axum::routing::post(move || {
+                let code = s.load(Ordering::SeqCst) as u16;
+                async move { axum::http::StatusCode::from_u16(code).unwrap_or(axum::http::StatusCode::OK) }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = (listener.local_addr().unwrap(), "recipient".to_owned());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let http = http_client().unwrap();
+        let clients = Clients::default();
+        post_one(&http, &target, &clients).await;
+        post_one(&http, &target, &clients).await;
+        status.store(200, Ordering::SeqCst);
+        post_one(&http, &target, &clients).await;
+        assert_eq!(clients.sent.load(Ordering::SeqCst), 3);
+        assert_eq!(clients.accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(clients.refused.load(Ordering::SeqCst), 2);
+        assert_eq!(clients.refusals_text(), "429×2");
+        assert_eq!(lock(&clients.accepted_rest).len(), 1);
+        assert_eq!(lock(&clients.rest).len(), 3);
+    }
 }

@@ -1,9 +1,15 @@
 //! `dmr-bench`: the DMR benchmark. Measures the ceilings of this machine in the same run (RabbitMQ
-//! driven directly with the server's publish/consume settings; RSA-2048 with the agents' library),
-//! then the relay, end-to-end and connection-scale scenarios, and prints every figure with its
-//! ratio to the relevant ceiling and to the targets of the performance appendix of `docs/compat.md`.
+//! driven directly with the server's publish/consume settings; RSA-2048 with the agents' library;
+//! the combined ceiling of both, see [`ceilings::Combined`]), then the relay, end-to-end, pair
+//! (one sending and one receiving agent, see [`pair`]) and connection-scale scenarios, and prints
+//! every figure with its ratio to the relevant ceiling and to the targets of the performance
+//! appendix of `docs/compat.md`.
 //!
-//! `cargo run --release -p dmr-bench -- [--quick] [--json out.json] [--streams N]`
+//! `cargo run --release -p dmr-bench -- [--quick] [--json out.json] [--streams N] [--runs N]
+//! [--only broker,crypto,relay,e2e,pair,scale]`
+//!
+//! `--runs N` repeats the selected scenarios N times, then prints the median and min–max of each
+//! row's key figures ([`summary`]); the JSON holds every run and the medians.
 //!
 //! Needs a RabbitMQ on `RABBITMQ_DEFAULT_HOST:RABBITMQ_DEFAULT_PORT` (default 127.0.0.1:5672,
 //! guest/guest). Every queue it creates has a fresh name and is deleted at the end.
@@ -12,8 +18,10 @@ mod ceilings;
 mod e2e;
 mod fixture;
 mod measure;
+mod pair;
 mod relay;
 mod scale;
+mod summary;
 
 use clap::{Parser, Subcommand};
 use measure::Row;
@@ -40,9 +48,12 @@ struct Args {
     /// Idle agent streams for the connection-scale scenario (default 1000, 100 with --quick).
     #[arg(long)]
     streams: Option<usize>,
-    /// Only these scenarios (comma-separated): broker, crypto, relay, e2e, scale.
+    /// Only these scenarios (comma-separated): broker, crypto, relay, e2e, pair, scale.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Repeat the selected scenarios this many times and report the median and min–max.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    runs: u32,
     /// Where generated agent keys are kept between runs (default: bench-keys beside the target dir).
     #[arg(long)]
     key_cache: Option<PathBuf>,
@@ -120,10 +131,23 @@ struct Target {
     met: Option<bool>,
 }
 
+/// The scenarios `--only` accepts.
+const SCENARIOS: [&str; 6] = ["broker", "crypto", "relay", "e2e", "pair", "scale"];
+
+/// What one run of the selected scenarios produced.
+struct RunOutput {
+    rows: Vec<Row>,
+    broker_ceilings: Vec<(usize, f64)>,
+    crypto_ceiling: f64,
+    combined: Option<ceilings::Combined>,
+    targets: Vec<Target>,
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
     let started = Instant::now();
-    let quick = args.quick;
-    let wants = |s: &str| args.only.is_empty() || args.only.iter().any(|o| o == s);
+    if let Some(unknown) = args.only.iter().find(|o| !SCENARIOS.contains(&o.as_str())) {
+        anyhow::bail!("--only {unknown}: not a scenario (one of {})", SCENARIOS.join(", "));
+    }
     let rabbit = args.rabbitmq.clone();
     let cache = match &args.key_cache {
         Some(c) => c.clone(),
@@ -165,17 +189,93 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let channel_max = probe.configuration().channel_max();
     let _ = probe.close(200, "probe".into()).await;
     println!("RabbitMQ channel_max negotiated by lapin: {channel_max}");
-    measure::print_header();
+
+    let mut outputs: Vec<RunOutput> = Vec::new();
+    for i in 1..=args.runs {
+        if args.runs > 1 {
+            println!("\n=== run {i} of {} ===", args.runs);
+        }
+        measure::print_header();
+        let out = run_once(&args, &rabbit, &cache, broker_pid).await?;
+        println!("\ntargets (docs/compat.md, performance appendix):");
+        for t in &out.targets {
+            println!(
+                "  {:<58} {:>18}  measured {:<28} {}",
+                t.what,
+                t.target,
+                t.measured,
+                match t.met {
+                    Some(true) => "met",
+                    Some(false) => "MISSED",
+                    None => "not measured",
+                }
+            );
+        }
+        outputs.push(out);
+    }
+    let all_rows: Vec<Vec<Row>> = outputs.iter().map(|o| o.rows.clone()).collect();
+    if args.runs > 1 {
+        summary::print(&all_rows);
+    }
+    println!("finished in {:.0} s", started.elapsed().as_secs_f64());
+    if let Some(path) = &args.json {
+        let runs: Vec<serde_json::Value> = outputs
+            .iter()
+            .map(|o| {
+                json!({
+                    "ceilings": {
+                        "broker_msg_per_s": o.broker_ceilings.iter().map(|(q, v)| (format!("{q}q"), json!(v))).collect::<serde_json::Map<_, _>>(),
+                        "crypto_msg_per_s": o.crypto_ceiling,
+                        "combined": o.combined.map(|c| json!({
+                            "msg_per_s": c.msg_per_s(),
+                            "beam_only_msg_per_s": c.msg_per_s_beam_only(),
+                            "cores": c.cores,
+                            "rsa_ms": c.rsa_ms,
+                            "rabbit_ms": c.rabbit_ms(),
+                            "rabbit_beam_ms": c.rabbit_beam_ms,
+                            "rabbit_client_ms": c.rabbit_client_ms,
+                        })),
+                    },
+                    "rows": o.rows,
+                    "targets": o.targets.iter().map(|t| json!({"what": t.what, "target": t.target, "measured": t.measured, "met": t.met})).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let doc = json!({
+            "machine": machine,
+            "rabbitmq_channel_max": channel_max,
+            "quick": args.quick,
+            "runs_requested": args.runs,
+            "seconds": started.elapsed().as_secs_f64(),
+            "runs": runs,
+            "medians": summary::medians_json(&all_rows),
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&doc)?)?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// One run of the selected scenarios; prints its rows as they are measured.
+async fn run_once(
+    args: &Args,
+    rabbit: &dmr_server::config::RabbitConfig,
+    cache: &std::path::Path,
+    broker_pid: Option<u32>,
+) -> anyhow::Result<RunOutput> {
+    let quick = args.quick;
+    let wants = |s: &str| args.only.is_empty() || args.only.iter().any(|o| o == s);
     let mut rows: Vec<Row> = Vec::new();
     let pair_counts: Vec<usize> = if quick { vec![1, 4] } else { vec![1, 4, 16] };
 
     // Ceilings.
     let mut broker_ceilings: Vec<(usize, f64)> = Vec::new();
+    let mut broker_1q: Option<Row> = None;
     if wants("broker") || wants("relay") {
         let n = if quick { 3_000 } else { 40_000 };
         for &q in &pair_counts {
             let row = ceilings::broker(
-                &rabbit,
+                rabbit,
                 &ceilings::BrokerRun {
                     queues: q,
                     messages: n,
@@ -187,12 +287,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .await?;
             row.print();
             broker_ceilings.push((q, row.msg_per_s));
+            if q == 1 {
+                broker_1q = Some(row.clone());
+            }
             rows.push(row);
         }
         // The floor of latency: the broker alone at a tenth of its ceiling.
         let tenth = (broker_ceilings[0].1 / 10.0).round();
         let mut row = ceilings::broker(
-            &rabbit,
+            rabbit,
             &ceilings::BrokerRun {
                 queues: 1,
                 messages: if quick { 300 } else { (tenth * 5.0) as usize },
@@ -207,27 +310,35 @@ async fn run(args: Args) -> anyhow::Result<()> {
         rows.push(row);
     }
     let mut crypto_ceiling = f64::NAN;
+    let mut combined = None;
     if wants("crypto") || wants("e2e") {
         let c = ceilings::crypto(if quick { 0.3 } else { 2.0 })?;
         crypto_ceiling = c.ceiling();
-        let op = |name: &str, threads: usize, ops: f64, note: &str| Row {
+        let op = |name: &str, threads: usize, ops: ceilings::OpRate, note: &str| Row {
             scenario: format!("crypto {name} ({threads} thr)"),
             load: "max".into(),
-            msg_per_s: ops,
-            note: note.into(),
+            msg_per_s: ops.per_s,
+            note: format!("{note}; {:.3} ms CPU each", ops.cpu_ms_per_op),
+            extra: [("cpu_ms_per_op".to_owned(), ops.cpu_ms_per_op)].into(),
             ..Row::default()
         };
+        let mut ceiling_row = Row {
+            scenario: "crypto ceiling (2 thr)".into(),
+            load: "max".into(),
+            msg_per_s: crypto_ceiling,
+            note: format!(
+                "msg/s = 1/(1/sign + 1/decrypt): one signature and one decryption per message; {:.3} ms CPU",
+                c.rsa_cpu_ms_per_msg()
+            ),
+            ..Row::default()
+        };
+        ceiling_row.extra.insert("rsa_cpu_ms".into(), c.rsa_cpu_ms_per_msg());
         for row in [
             op("RS256 sign", 1, c.sign[0], "ops/s, RSA-2048, dmr::keys (aws-lc-rs)"),
             op("RS256 sign", 2, c.sign[1], "ops/s"),
             op("OAEP decrypt", 1, c.decrypt[0], "ops/s"),
             op("OAEP decrypt", 2, c.decrypt[1], "ops/s"),
-            op(
-                "ceiling",
-                2,
-                crypto_ceiling,
-                "msg/s = 1/(1/sign + 1/decrypt): one signature and one decryption per message",
-            ),
+            ceiling_row,
             op(
                 "jose seal+open",
                 2,
@@ -237,6 +348,36 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ] {
             row.print();
             rows.push(row);
+        }
+        // The combined ceiling needs the broker ceiling of this run (and RabbitMQ's CPU time).
+        combined = broker_1q.as_ref().and_then(|b| ceilings::Combined::of(&c, b));
+        match combined {
+            Some(k) => {
+                let row = Row {
+                    scenario: "combined ceiling RSA+RabbitMQ".into(),
+                    load: "max".into(),
+                    msg_per_s: k.msg_per_s(),
+                    note: "msg/s = cores ÷ CPU ms per message of RSA (sign+decrypt) + RabbitMQ (broker ceiling 1 q)"
+                        .into(),
+                    extra: [
+                        ("cores".to_owned(), k.cores as f64),
+                        ("rsa_ms".to_owned(), k.rsa_ms),
+                        ("rabbit_ms".to_owned(), k.rabbit_ms()),
+                        ("rabbit_beam_ms".to_owned(), k.rabbit_beam_ms),
+                        ("rabbit_client_ms".to_owned(), k.rabbit_client_ms),
+                        ("beam_only_msg_per_s".to_owned(), k.msg_per_s_beam_only()),
+                    ]
+                    .into(),
+                    ..Row::default()
+                };
+                row.print();
+                summary::print_combined_details(&[&row]);
+                rows.push(row);
+            }
+            None if broker_1q.is_none() => {
+                println!("    (combined ceiling: needs the broker ceiling in the same run: add --only broker)");
+            }
+            None => println!("    (combined ceiling: RabbitMQ's process is not visible, its CPU time is unknown)"),
         }
     }
 
@@ -257,7 +398,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 seconds: if quick { 1.5 } else { 6.0 },
                 window: 1000,
             };
-            rows.extend(relay::run(&rabbit, &plan, &cache, broker_pid, ceiling).await?);
+            rows.extend(relay::run(rabbit, &plan, cache, broker_pid, ceiling).await?);
         }
     }
 
@@ -283,57 +424,46 @@ async fn run(args: Args) -> anyhow::Result<()> {
             loads,
             seconds,
         };
-        rows.extend(e2e::run(&rabbit, &plan, &cache, broker_pid, crypto_ceiling).await?);
+        rows.extend(e2e::run(rabbit, &plan, cache, broker_pid, crypto_ceiling).await?);
         if !quick {
             let plan = e2e::E2ePlan {
                 pairs: 4,
                 loads: vec![e2e::Load::Clients(32)],
                 seconds,
             };
-            rows.extend(e2e::run(&rabbit, &plan, &cache, broker_pid, crypto_ceiling).await?);
+            rows.extend(e2e::run(rabbit, &plan, cache, broker_pid, crypto_ceiling).await?);
         }
+    }
+
+    // One sending and one receiving agent: closed loop c=10, c=1, open loop at 10 %.
+    if wants("pair") {
+        let ceiling = match combined {
+            Some(k) => Some(("combined".to_owned(), k.msg_per_s())),
+            None if crypto_ceiling.is_finite() => Some(("crypto (2 thr)".to_owned(), crypto_ceiling)),
+            None => None,
+        };
+        let plan = pair::PairPlan {
+            seconds: if quick { 3.0 } else { 15.0 },
+            drain_limit: Duration::from_secs(60),
+        };
+        rows.extend(pair::run(rabbit, &plan, cache, broker_pid, ceiling).await?);
     }
 
     // Connection scale.
     if wants("scale") {
         let streams = args.streams.unwrap_or(if quick { 100 } else { 1000 });
         let settle = Duration::from_secs(if quick { 2 } else { 5 });
-        rows.extend(scale::run(&rabbit, streams, &cache, settle).await?);
+        rows.extend(scale::run(rabbit, streams, cache, settle).await?);
     }
 
     let targets = targets(&rows, tenth_load);
-    println!("\ntargets (docs/compat.md, performance appendix):");
-    for t in &targets {
-        println!(
-            "  {:<58} {:>18}  measured {:<28} {}",
-            t.what,
-            t.target,
-            t.measured,
-            match t.met {
-                Some(true) => "met",
-                Some(false) => "MISSED",
-                None => "not measured",
-            }
-        );
-    }
-    println!("finished in {:.0} s", started.elapsed().as_secs_f64());
-    if let Some(path) = &args.json {
-        let doc = json!({
-            "machine": machine,
-            "rabbitmq_channel_max": channel_max,
-            "quick": quick,
-            "seconds": started.elapsed().as_secs_f64(),
-            "ceilings": {
-                "broker_msg_per_s": broker_ceilings.iter().map(|(q, v)| (format!("{q}q"), json!(v))).collect::<serde_json::Map<_, _>>(),
-                "crypto_msg_per_s": crypto_ceiling,
-            },
-            "rows": rows,
-            "targets": targets.iter().map(|t| json!({"what": t.what, "target": t.target, "measured": t.measured, "met": t.met})).collect::<Vec<_>>(),
-        });
-        std::fs::write(path, serde_json::to_string_pretty(&doc)?)?;
-        println!("wrote {}", path.display());
-    }
-    Ok(())
+    Ok(RunOutput {
+        rows,
+        broker_ceilings,
+        crypto_ceiling,
+        combined,
+        targets,
+    })
 }
 
 /// The performance targets (docs/compat.md appendix), judged on this run's rows.

@@ -1,6 +1,7 @@
 //! What a scenario measures besides its messages: latency percentiles, CPU time split by the
-//! component that spent it (threads are named after their runtime), the broker's CPU time, and
-//! peak memory; and one row of the results table.
+//! component that spent it (threads are named after their runtime: `srv`, `agent-snd`,
+//! `agent-rcv`, anything else is the harness), the broker's CPU time, and peak memory; and one row
+//! of the results table.
 
 use serde::Serialize;
 use std::collections::HashMap;
@@ -48,8 +49,12 @@ pub struct CpuSnapshot {
 pub struct CpuSplit {
     /// The DMR server (its runtime's threads and its AMQP connection's I/O thread).
     pub server: f64,
-    /// The in-process agents (end-to-end scenario).
+    /// The in-process agents (end-to-end and pair scenarios): `agent_snd` + `agent_rcv`.
     pub agents: f64,
+    /// The sending agents (threads `agent-snd`).
+    pub agent_snd: f64,
+    /// The receiving agents (threads `agent-rcv`).
+    pub agent_rcv: f64,
     /// The load generator, sinks and the harness's own AMQP client.
     pub harness: f64,
     /// RabbitMQ (`beam.smp`).
@@ -78,6 +83,14 @@ fn stat_cpu_ns(stat: &str) -> Option<u64> {
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
     Some(ticks_to_ns(utime + stime))
+}
+
+/// CPU time of the calling thread in nanoseconds (`/proc/thread-self/schedstat`; 0 if unreadable).
+pub fn thread_cpu_ns() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// CPU time of process `pid` in seconds (NaN if unreadable).
@@ -129,11 +142,13 @@ impl CpuSnapshot {
             let secs = ns.saturating_sub(start) as f64 / 1e9;
             match comm.as_str() {
                 "srv" => split.server += secs,
-                c if c.starts_with("agent") => split.agents += secs,
+                "agent-snd" => split.agent_snd += secs,
+                "agent-rcv" => split.agent_rcv += secs,
                 "lapin-io-loop" if lapin_is_server => split.server += secs,
                 _ => split.harness += secs,
             }
         }
+        split.agents = split.agent_snd + split.agent_rcv;
         split.process = self.process_ns.saturating_sub(before.process_ns) as f64 / 1e9;
         split.broker = match (self.broker_ns, before.broker_ns) {
             (Some(a), Some(b)) => Some(a.saturating_sub(b) as f64 / 1e9),
