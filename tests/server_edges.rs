@@ -215,6 +215,34 @@ async fn a_channel_error_is_not_a_lost_broker_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connected_recipient_that_falls_behind_holds_its_senders_answers_and_an_offline_one_does_not() {
+    let (relay, extra) = Relay::start_full(1, |cfg| cfg.message_queue_hold_max_ms = 300).await;
+    let holds = || relay.server.core.metrics.send_holds.get_sample_count();
+    // C never connects: messages for it wait in its queue, and its senders are not held.
+    let offline = &extra[0];
+    for _ in 0..20 {
+        assert_eq!(relay.post_to_b(&seed_message(&offline.id)).await.0, 200);
+    }
+    assert_eq!(relay.probe.queue_len(&offline.id).await, Some(20));
+    assert_eq!(holds(), 0, "nobody is held for an offline recipient");
+
+    // A is connected but its endpoint is slow: once more than its session takes ahead is waiting,
+    // answers to its senders are held.
+    relay.sink_a.set_delay(Duration::from_millis(100));
+    let mut sent = Vec::new();
+    for _ in 0..30 {
+        let m = seed_message(&relay.a.id);
+        assert_eq!(relay.post_to_b(&m).await.0, 200, "held, then accepted");
+        sent.push(m["id"].clone());
+    }
+    assert!(holds() >= 1, "answers were held while A was behind");
+    let got = relay.sink_a.wait_for(sent.len(), Duration::from_secs(60)).await;
+    let ids: Vec<_> = got.iter().map(|m| m["id"].clone()).collect();
+    assert_eq!(ids, sent, "nothing lost, in order");
+    relay.finish_with(&[offline]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlogged_recipient_makes_senders_wait_with_429_instead_of_queueing_without_bound() {
     let (relay, extra) = Relay::start_full(1, |cfg| cfg.message_queue_max_depth = 5).await;
     let c = &extra[0]; // never connects: its queue only grows

@@ -1,25 +1,36 @@
-//! The optional per-recipient cap on queued messages (`MESSAGE_QUEUE_MAX_DEPTH`): a recipient
-//! that does not keep up makes its senders wait (429 + `Retry-After`) instead of letting its queue,
-//! and every message's latency, grow without bound.
+//! Backpressure from a recipient that does not keep up, so that its queue, and every message's
+//! latency, does not grow without bound while its senders run:
+//! - **hold** (`MESSAGE_QUEUE_HOLD_MAX_MS`, on by default): while a connected recipient's queue
+//!   has messages waiting beyond those its session already took (RabbitMQ's "ready" count is at
+//!   least `MESSAGE_QUEUE_HOLD_DEPTH`), the answer to a send to it (already queued) waits until the
+//!   queue is back under that depth, for at most `MESSAGE_QUEUE_HOLD_MAX_MS`. A sender that waits
+//!   for its answers then sends as fast as the recipient receives. A recipient that is not
+//!   connected holds nobody (its messages wait for it, as in the original);
+//! - **cap** (`MESSAGE_QUEUE_MAX_DEPTH`, off by default): a recipient whose queue holds that many
+//!   messages makes its senders wait (429 + `Retry-After`), nothing queued.
 //!
 //! The depth is RabbitMQ's count of ready messages (unacked, prefetched ones are not counted), read
 //! by a passive declare at most every [`FRESH_FOR`] per recipient: the cap is approximate by that
 //! much, and by the sends published meanwhile.
 
 use crate::Core;
+use crate::broker::QueueCounts;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// How long a read depth is reused before the broker is asked again.
 const FRESH_FOR: Duration = Duration::from_millis(500);
+/// How long a read depth is reused while sends are held (they wait for it to fall).
+const HOLD_FRESH_FOR: Duration = Duration::from_millis(20);
 /// What a refused sender is told to wait.
 pub(crate) const RETRY_AFTER: Duration = Duration::from_secs(5);
 
-/// Recent queue depths per recipient (bounded by the directory: recipients are validated first).
+/// Recent queue counts per recipient (bounded by the directory: recipients are validated first).
 #[derive(Default)]
 pub struct BacklogCap {
     depths: Mutex<HashMap<String, (Instant, u32)>>,
+    held: Mutex<HashMap<String, (Instant, QueueCounts)>>,
 }
 
 impl BacklogCap {
@@ -48,5 +59,50 @@ impl BacklogCap {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Instant, u32)>> {
         self.depths.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Waits, at most `MESSAGE_QUEUE_HOLD_MAX_MS`, while `recipient` is consumed and its queue has
+    /// at least `MESSAGE_QUEUE_HOLD_DEPTH` messages ready; returns how long it held the send
+    /// (zero if it did not).
+    pub(crate) async fn hold(&self, core: &Core, recipient: &str) -> Duration {
+        let max = core.cfg.message_queue_hold_max();
+        let started = Instant::now();
+        if max.is_zero() {
+            return Duration::ZERO;
+        }
+        let mut held = false;
+        loop {
+            let Some(counts) = self.held_counts(core, recipient).await else {
+                break;
+            };
+            if counts.consumers == 0 || counts.messages < core.cfg.message_queue_hold_depth {
+                break;
+            }
+            let left = max.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                break;
+            }
+            held = true;
+            tokio::time::sleep(HOLD_FRESH_FOR.min(left)).await;
+        }
+        if held { started.elapsed() } else { Duration::ZERO }
+    }
+
+    async fn held_counts(&self, core: &Core, recipient: &str) -> Option<QueueCounts> {
+        let cached = self
+            .lock_held()
+            .get(recipient)
+            .filter(|(at, _)| at.elapsed() < HOLD_FRESH_FOR)
+            .map(|(_, counts)| *counts);
+        if cached.is_some() {
+            return cached;
+        }
+        let counts = core.broker.counts(recipient).await.ok()?;
+        self.lock_held().insert(recipient.to_owned(), (Instant::now(), counts));
+        Some(counts)
+    }
+
+    fn lock_held(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Instant, QueueCounts)>> {
+        self.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }

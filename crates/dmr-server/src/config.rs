@@ -48,7 +48,7 @@ pub struct ServerConfig {
     /// Deliveries handed to one gRPC agent ahead of its answers (the agent still posts them to its
     /// endpoint one at a time, in queue order). 1 = one at a time, as before. Capped by
     /// RABBITMQ_PREFETCH_COUNT. Legacy Socket.IO agents always get one at a time.
-    #[arg(long, env = "MESSAGE_DELIVERY_WINDOW", default_value_t = 32,
+    #[arg(long, env = "MESSAGE_DELIVERY_WINDOW", default_value_t = 8,
         value_parser = clap::value_parser!(u16).range(1..))]
     pub message_delivery_window: u16,
     /// Most delivery attempts per message before it is dead-lettered to `<agent-id>.dlq`
@@ -66,6 +66,16 @@ pub struct ServerConfig {
     /// RECIPIENT_BACKLOGGED, REST 429 with Retry-After); 0 = no cap (the original's behaviour).
     #[arg(long, env = "MESSAGE_QUEUE_MAX_DEPTH", default_value_t = 0)]
     pub message_queue_max_depth: u32,
+    /// Longest time the answer to a send (already queued) is held while the recipient is connected
+    /// and its queue has MESSAGE_QUEUE_HOLD_DEPTH messages waiting, in ms, so that senders slow to
+    /// the recipient's pace; 0 = never hold. Keep it below the agents' MESSAGE_DELIVERY_TIMEOUT_MS.
+    #[arg(long, env = "MESSAGE_QUEUE_HOLD_MAX_MS", default_value_t = 1000)]
+    pub message_queue_hold_max_ms: u64,
+    /// Messages waiting in a connected recipient's queue (beyond those its session took) from which
+    /// answers to sends to it are held (see MESSAGE_QUEUE_HOLD_MAX_MS).
+    #[arg(long, env = "MESSAGE_QUEUE_HOLD_DEPTH", default_value_t = 1,
+        value_parser = clap::value_parser!(u32).range(1..))]
+    pub message_queue_hold_depth: u32,
     /// Largest accepted envelope `payload` (the JWE), in bytes.
     #[arg(long, env = "MESSAGE_MAX_PAYLOAD_BYTES", default_value_t = 1_048_576)]
     pub message_max_payload_bytes: usize,
@@ -185,7 +195,7 @@ pub struct RabbitConfig {
     #[arg(
         long = "rabbitmq-prefetch-count",
         env = "RABBITMQ_PREFETCH_COUNT",
-        default_value_t = 32
+        default_value_t = 8
     )]
     pub prefetch_count: u16,
     /// Agent consumers per AMQP connection; more open further connections (each consumer has a
@@ -344,6 +354,11 @@ impl ServerConfig {
     /// The delivery ack timeout.
     pub fn delivery_timeout(&self) -> Duration {
         Duration::from_millis(self.message_delivery_timeout_ms)
+    }
+
+    /// The longest hold of a send's answer (`MESSAGE_QUEUE_HOLD_MAX_MS`; zero = off).
+    pub fn message_queue_hold_max(&self) -> Duration {
+        Duration::from_millis(self.message_queue_hold_max_ms)
     }
 
     /// Deliveries in flight per gRPC session: `MESSAGE_DELIVERY_WINDOW`, at most the prefetch count.

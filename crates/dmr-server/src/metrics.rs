@@ -69,6 +69,8 @@ pub struct Metrics {
     pub queue_wait: Histogram,
     /// Sends refused because the recipient's queue was at `MESSAGE_QUEUE_MAX_DEPTH`.
     pub backlog_refusals: IntCounter,
+    /// How long answers to queued sends were held because their recipient was behind.
+    pub send_holds: Histogram,
     /// TCP connections on the gRPC port that closed or stalled before a TLS ClientHello (port
     /// probes, load-balancer checks): not authentication failures.
     pub tls_probes: IntCounter,
@@ -234,6 +236,11 @@ impl Metrics {
             backlog_refusals: reg!(counter(
                 "dmr_sends_refused_recipient_backlogged_total",
                 "Sends refused because the recipient's queue was at MESSAGE_QUEUE_MAX_DEPTH"
+            )),
+            send_holds: reg!(histogram(
+                "dmr_send_hold_seconds",
+                "Time the answer to a queued send was held because its connected recipient had messages waiting (MESSAGE_QUEUE_HOLD_MAX_MS)",
+                vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
             )),
             tls_probes: reg!(counter(
                 "dmr_tls_probe_connections_total",

@@ -128,7 +128,14 @@ pub async fn start_send(core: &Arc<Core>, agent_id: &str, body: SendBody) -> imp
                 SendOutcome::Invalid(errors)
             }
             Ok((env, Ok(confirm))) => match confirm.await {
-                Ok(()) => SendOutcome::Accepted,
+                Ok(()) => {
+                    // Queued. A recipient that is behind slows its senders: hold the answer.
+                    let held = core.backlog.hold(&core, &env.recipient_id).await;
+                    if !held.is_zero() {
+                        core.metrics.send_holds.observe(held.as_secs_f64());
+                    }
+                    SendOutcome::Accepted
+                }
                 Err(BrokerError::NotAccepted {
                     rejection: Rejection::Unroutable,
                     ..
