@@ -27,6 +27,9 @@ pub(super) struct Link {
     pub(super) publish: Channel,
     /// `None` once the link is closed: no consumer connection may be added after that.
     pub(super) consumers: Mutex<Option<Vec<ConsumerConnection>>>,
+    /// The channel queue counts are read on, kept between reads (`None` until the first, and after a
+    /// read of a missing queue, which closes it).
+    pub(super) counting: Mutex<Option<Channel>>,
 }
 
 impl Link {
@@ -153,6 +156,7 @@ impl Broker {
             conn,
             publish,
             consumers: Mutex::new(Some(Vec::new())),
+            counting: Mutex::new(None),
         }));
         self.declare_validation_failures().await?;
         // Quorum queue declarations take tens of milliseconds each; with thousands of agents a
