@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-/// Deliveries buffered per stream: above the server's window (`MESSAGE_DELIVERY_WINDOW`, 32 by
+/// Deliveries buffered per stream: above the server's window (`MESSAGE_DELIVERY_WINDOW`, 8 by
 /// default), so that the stream's reader never waits for the endpoint.
 const DELIVERY_BUFFER: usize = 64;
 
