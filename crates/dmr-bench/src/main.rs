@@ -14,6 +14,7 @@
 //! Needs a RabbitMQ on `RABBITMQ_DEFAULT_HOST:RABBITMQ_DEFAULT_PORT` (default 127.0.0.1:5672,
 //! guest/guest). Every queue it creates has a fresh name and is deleted at the end.
 
+mod amqp_cost;
 mod ceilings;
 mod e2e;
 mod fixture;
@@ -69,6 +70,14 @@ enum Command {
     /// connection-scale scenario, which needs the server in a process of its own).
     #[command(hide = true)]
     Server(Box<dmr_server::config::ServerConfig>),
+    /// The AMQP side of N agents alone (the server's broker code: queues, one channel and consumer
+    /// each), with this process's and RabbitMQ's memory and open files after each phase.
+    #[command(hide = true)]
+    AmqpCost {
+        /// Agents.
+        #[arg(long, default_value_t = 1000)]
+        agents: usize,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -76,6 +85,10 @@ fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     now_ns();
     let rt = fixture::runtime("load")?;
+    if let Some(Command::AmqpCost { agents }) = args.command {
+        let rabbit = args.rabbitmq.clone();
+        return rt.block_on(amqp_cost::run(&rabbit, agents, Duration::from_secs(5)));
+    }
     if let Some(Command::Server(cfg)) = args.command {
         return rt.block_on(async move {
             let server = dmr_server::Server::bind(*cfg).await?;

@@ -2,6 +2,14 @@
 //! (this binary's hidden `server` subcommand, i.e. `dmr_server::Server` exactly as `dmr server`
 //! runs it, without logging), so that its memory can be read from /proc. Then a reconnect storm:
 //! every session dropped at once, and all reconnecting at once.
+//!
+//! Two hidden knobs, for working on the server's memory (see `docs/idle-memory.md`):
+//! - `DMR_BENCH_SERVER_WRAPPER`: a command prefix for the server process, split at whitespace, e.g.
+//!   `env LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2` or `heaptrack -o /tmp/srv`. The
+//!   server's own pid is then found by its gRPC listening socket, and it is killed with SIGKILL at
+//!   the end (a heap profiler then reports what was live at that moment as "leaked").
+//! - `DMR_BENCH_SCALE_IDLE_ONLY=1`: stop after the idle measurement (no reconnect storm), killing
+//!   the server while every stream is still open.
 
 use crate::fixture::{centops_file, delete_queues};
 use crate::measure::{Row, process_cpu_seconds, status_kib};
@@ -33,8 +41,40 @@ pub fn ensure_fd_limit(streams: usize) -> anyhow::Result<u64> {
 
 struct Child {
     process: tokio::process::Child,
+    /// The server's own pid (with a wrapper, not the wrapper's).
     pid: u32,
     http: u16,
+    grpc: u16,
+    wrapped: bool,
+}
+
+impl Child {
+    /// Kills the server (and a wrapper around it).
+    async fn kill(&mut self) {
+        if self.wrapped {
+            let _ = tokio::process::Command::new("kill")
+                .args(["-KILL", &self.pid.to_string()])
+                .status()
+                .await;
+            // Let a wrapper (a profiler) finish writing what it recorded.
+            let _ = tokio::time::timeout(Duration::from_secs(600), self.process.wait()).await;
+        }
+        let _ = self.process.kill().await;
+    }
+}
+
+/// `DMR_BENCH_SERVER_WRAPPER`, split at whitespace (empty: none).
+fn server_wrapper() -> Vec<String> {
+    std::env::var("DMR_BENCH_SERVER_WRAPPER")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `DMR_BENCH_SCALE_IDLE_ONLY` is set (to anything but 0 or empty).
+fn idle_only() -> bool {
+    std::env::var("DMR_BENCH_SCALE_IDLE_ONLY").is_ok_and(|v| !v.is_empty() && v != "0")
 }
 
 async fn spawn_server(
@@ -45,7 +85,17 @@ async fn spawn_server(
     rabbit: &RabbitConfig,
 ) -> anyhow::Result<Child> {
     let http = free_port()?;
-    let process = tokio::process::Command::new(std::env::current_exe()?)
+    let wrapper = server_wrapper();
+    let exe = std::env::current_exe()?;
+    let mut command = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut c = tokio::process::Command::new(program);
+            c.args(args).arg(&exe);
+            c
+        }
+        None => tokio::process::Command::new(&exe),
+    };
+    let process = command
         .arg("server")
         .env("PORT", http.to_string())
         .env("GRPC_PORT", grpc.to_string())
@@ -66,7 +116,13 @@ async fn spawn_server(
     let pid = process
         .id()
         .ok_or_else(|| anyhow::anyhow!("server process exited at once"))?;
-    Ok(Child { process, pid, http })
+    Ok(Child {
+        process,
+        pid,
+        http,
+        grpc,
+        wrapped: !wrapper.is_empty(),
+    })
 }
 
 /// `dmr_socket_connections_active` from the server's `/metrics`.
@@ -178,7 +234,7 @@ pub async fn run(rabbit: &RabbitConfig, streams: usize, cache: &Path, settle: Du
     let grpc: SocketAddr = format!("127.0.0.1:{grpc_port}").parse()?;
     let mut child = spawn_server(&pki, &centops, grpc_port, &vf, rabbit).await?;
     let result = measure(&pki, &agents, &mut child, grpc, settle, &rabbit.uri()).await;
-    let _ = child.process.kill().await;
+    child.kill().await;
     let deleted = delete_queues(&rabbit.uri(), &agents, &[vf]).await?;
     eprintln!("scale: deleted {deleted} queues");
     result
@@ -193,7 +249,6 @@ async fn measure(
     uri: &str,
 ) -> anyhow::Result<Vec<Row>> {
     let n = agents.len();
-    let pid = child.pid.to_string();
     let http = reqwest::Client::new();
     let booting = Instant::now();
     let ready_url = format!("http://127.0.0.1:{}/ready", child.http);
@@ -211,10 +266,15 @@ async fn measure(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let ready_secs = booting.elapsed().as_secs_f64();
+    if child.wrapped {
+        child.pid = crate::measure::listener_pid(child.grpc)
+            .ok_or_else(|| anyhow::anyhow!("no process listens on the server's gRPC port"))?;
+    }
     eprintln!(
         "scale: server ready after {ready_secs:.1} s ({} quorum queues declared)",
         2 * n
     );
+    let pid = child.pid.to_string();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss0 = status_kib(&pid, "VmRSS");
     let cpu0 = process_cpu_seconds(child.pid);
@@ -281,10 +341,16 @@ async fn measure(
         ..Row::default()
     };
     idle.print();
+    if idle_only() {
+        return Ok(vec![idle]);
+    }
 
     // Storm: drop every session at once, wait for the server to notice, reconnect all at once.
     drop(sessions);
     let (drained, drain_time) = wait_active(&http, child.http, 0, Duration::from_secs(120)).await;
+    // What the server keeps once every session is gone (allocator retention, caches).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_drained = status_kib(&pid, "VmRSS");
     let cpu1 = process_cpu_seconds(child.pid);
     let (sessions, storm_time, storm_failures, storm_error) =
         connect_all(ca, agents, grpc, n, Duration::from_secs(120)).await;
@@ -315,16 +381,18 @@ async fn measure(
         ratio: Some(storm_secs / 60.0),
         errors: n - reconnected,
         note: format!(
-            "all back in {storm_secs:.1} s (server-side count{}); {storm_failures} failed attempts{}; old sessions gone after {:.1} s{}; consumers on {attached2}/{checked2} sampled queues",
+            "all back in {storm_secs:.1} s (server-side count{}); {storm_failures} failed attempts{}; old sessions gone after {:.1} s{}, server RSS then {:.0} MiB; consumers on {attached2}/{checked2} sampled queues",
             if server_saw_all { " reached" } else { " NOT reached" },
             storm_error.map_or(String::new(), |e| format!(" (first: {e})")),
             drain_time.as_secs_f64(),
             if drained { "" } else { " (not all)" },
+            rss_drained / 1024.0,
         ),
         extra: HashMap::from([
             ("storm_s".into(), storm_secs),
             ("failed_attempts".into(), storm_failures as f64),
             ("disconnect_drain_s".into(), drain_time.as_secs_f64()),
+            ("rss_drained_mib".into(), rss_drained / 1024.0),
             ("consumers_sampled".into(), checked2 as f64),
             ("consumers_attached".into(), attached2 as f64),
         ]),

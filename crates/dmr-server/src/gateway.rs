@@ -18,13 +18,55 @@ use dmr::proto::{
     SessionClosing, SessionRequest, SessionResponse,
 };
 use futures::StreamExt as _;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 /// Frames buffered towards one agent before the session waits (HTTP/2 flow control does the rest).
-const OUTBOUND_BUFFER: usize = 64;
+/// A session sends the whole directory at connect time, in frames of
+/// [`DIRECTORY_AGENTS_PER_FRAME`] agents (~4.4 KiB): 16 frames (~70 KiB) wait here at most, where 64
+/// made every connecting stream hold ~280 KiB for a moment (and the heap fragmented by thousands of
+/// them in a reconnect storm stays with the process).
+const OUTBOUND_BUFFER: usize = 16;
+
+/// One outgoing frame in the session's channel. Boxed: tokio's channel allocates its slots in
+/// blocks of 32 and keeps a few blocks per channel for the life of the stream, so unboxed
+/// (~170-byte) frames cost every idle stream ~17 KiB; boxed, under 1 KiB.
+type OutItem = Box<Result<SessionResponse, Status>>;
+
+/// The frames towards one agent, as tonic's encoder reads them: at most one frame per encoding
+/// round. tonic encodes every frame that is ready into one buffer (up to 32 KiB) and keeps that
+/// buffer, at its largest size, for the life of the stream: the directory frames sent at connect
+/// time, all ready at once, left every idle stream holding ~50 KiB. Yielding one frame per round
+/// keeps the buffer at tonic's initial 8 KiB (unless a single frame is larger), at the cost of one
+/// HTTP/2 DATA frame per gRPC message when several are ready at once.
+pub struct Outbound {
+    rx: mpsc::Receiver<OutItem>,
+    /// A frame went out in the current round.
+    yielded: bool,
+}
+
+impl futures::Stream for Outbound {
+    type Item = Result<SessionResponse, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if std::mem::take(&mut self.yielded) && !self.rx.is_empty() {
+            // End the round: the encoder hands over what it has, and polls again at once.
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(item)) => {
+                self.yielded = true;
+                Poll::Ready(Some(*item))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
 /// Agents per directory frame: small frames keep every stream's encode buffer small (one frame of
 /// the whole directory made each idle stream hold a buffer as large as the directory).
 const DIRECTORY_AGENTS_PER_FRAME: usize = 8;
@@ -80,7 +122,7 @@ impl Gateway {
 
 #[tonic::async_trait]
 impl AgentGateway for Gateway {
-    type SessionStream = ReceiverStream<Result<SessionResponse, Status>>;
+    type SessionStream = Outbound;
 
     async fn session(
         &self,
@@ -97,7 +139,7 @@ impl AgentGateway for Gateway {
         self.core
             .tasks
             .spawn(session::run(self.core.clone(), agent_id, transport, inbound));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(Outbound { rx, yielded: false }))
     }
 
     async fn list_agents(&self, request: Request<ListAgentsRequest>) -> Result<Response<ListAgentsResponse>, Status> {
@@ -168,7 +210,7 @@ fn answer(result: &DeliveryResult) -> DeliveryAnswer {
 
 /// The outgoing half of a gRPC session.
 struct GrpcTransport {
-    tx: mpsc::Sender<Result<SessionResponse, Status>>,
+    tx: mpsc::Sender<OutItem>,
     core: Arc<Core>,
     agent_id: String,
 }
@@ -176,7 +218,7 @@ struct GrpcTransport {
 impl GrpcTransport {
     async fn send(&self, frame: OutFrame, event: &str) -> Result<(), Gone> {
         self.tx
-            .send(Ok(SessionResponse { frame: Some(frame) }))
+            .send(Box::new(Ok(SessionResponse { frame: Some(frame) })))
             .await
             .map_err(|_| Gone)?;
         self.core
@@ -235,7 +277,7 @@ impl Transport for GrpcTransport {
         let pong = SessionResponse {
             frame: Some(OutFrame::Pong(Pong { nonce })),
         };
-        let _ = self.tx.send(Ok(pong)).await;
+        let _ = self.tx.send(Box::new(Ok(pong))).await;
     }
 
     const ANNOUNCES_CLOSE: bool = true;
@@ -257,6 +299,6 @@ impl Transport for GrpcTransport {
             }
             CloseReason::AgentClosed | CloseReason::TransportLost => return,
         };
-        let _ = self.tx.send(Err(status)).await;
+        let _ = self.tx.send(Box::new(Err(status))).await;
     }
 }

@@ -344,6 +344,11 @@ fn grpc_server(
     let gateway = GatewayServer::new(gateway::Gateway::new(core.clone()))
         .max_decoding_message_size(core.cfg.message_max_payload_bytes + 64 * 1024);
     Ok(tonic::transport::Server::builder()
+        // hyper's default receive windows are 1 MiB per stream and per connection: that much of an
+        // agent's unread sends could wait in every connection's buffers. The adaptive window starts
+        // at HTTP/2's 64 KiB and grows with the measured bandwidth-delay product, so a busy stream
+        // on a long link still gets the window it needs (docs/idle-memory.md).
+        .http2_adaptive_window(Some(true))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(health)

@@ -9,6 +9,18 @@ use lapin::{Channel, Connection, ConnectionProperties, Consumer};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+/// The largest AMQP frame we accept on our connections (RabbitMQ offers 128 KiB). lapin sizes each
+/// connection's read and write buffers at 32 frames and fills them: at 128 KiB that is 8 MiB per
+/// connection, i.e. ~8 KiB per agent on a consumer connection of 1,000. At 16 KiB it is 1 MiB; a
+/// message body larger than a frame simply travels in several (an agent's ~1.5 KB envelope fits
+/// in one).
+pub(super) const FRAME_MAX: u32 = 16 * 1024;
+
+/// The broker's URI with our [`FRAME_MAX`].
+pub(super) fn connection_uri(cfg: &RabbitConfig) -> String {
+    format!("{}?frame_max={FRAME_MAX}", cfg.uri())
+}
+
 /// A connection that carries consumers, with how many it carries now.
 pub(super) struct ConsumerConnection {
     pub(super) conn: Arc<Connection>,
@@ -51,7 +63,7 @@ impl Link {
             None => {
                 let name = format!("dmr-server consumers {}", pool.len() + 1);
                 let properties = ConnectionProperties::default().with_connection_name(name.into());
-                let conn = tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(&cfg.uri(), properties))
+                let conn = tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(&connection_uri(cfg), properties))
                     .await
                     .map_err(|_| lapin::ErrorKind::IOError(Arc::new(std::io::ErrorKind::TimedOut.into())))??;
                 let conn = Arc::new(conn);

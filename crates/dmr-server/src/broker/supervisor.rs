@@ -1,6 +1,6 @@
 //! The publishing connection and the loop that keeps it (and the topology) up.
 
-use super::consumers::ConsumerConnection;
+use super::consumers::{ConsumerConnection, connection_uri};
 use super::{Broker, BrokerError, RemoteSessionHook, soft_error};
 use futures::StreamExt as _;
 use lapin::options::ConfirmSelectOptions;
@@ -73,7 +73,12 @@ impl Broker {
 
     async fn open_connection(&self, name: &str) -> Result<Connection, ConnectFailure> {
         let properties = ConnectionProperties::default().with_connection_name(name.into());
-        match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(&self.cfg.uri(), properties)).await {
+        match tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            Connection::connect(&connection_uri(&self.cfg), properties),
+        )
+        .await
+        {
             Err(_) => Err(ConnectFailure::Unreachable),
             Ok(Err(e)) if is_access_refused(&e) => Err(ConnectFailure::Refused(e.to_string())),
             Ok(Err(_)) => Err(ConnectFailure::Unreachable),
