@@ -26,9 +26,22 @@ pub fn runtime(name: &str) -> anyhow::Result<tokio::runtime::Runtime> {
 /// The server configuration for a scenario: the kit's loopback/ephemeral-port configuration with
 /// every tuning setting at its default (that is what is measured), and its own
 /// validation-failures queue.
+/// The server's delivery tuning is read from its own variables (`MESSAGE_DELIVERY_WINDOW`,
+/// `MESSAGE_QUEUE_HOLD_MAX_MS`, `MESSAGE_QUEUE_HOLD_DEPTH`) when set, to compare settings.
 pub fn server_config(pki: &TestPki, centops: &Path, rabbit: &RabbitConfig) -> ServerConfig {
     let vf = format!("validation-failures-bench-{}", uuid::Uuid::new_v4());
-    dmr_testkit::base_server_config(pki, centops, rabbit, &vf)
+    let mut cfg = dmr_testkit::base_server_config(pki, centops, rabbit, &vf);
+    let var = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
+    if let Some(v) = var("MESSAGE_DELIVERY_WINDOW").and_then(|v| u16::try_from(v).ok()) {
+        cfg.message_delivery_window = v.max(1);
+    }
+    if let Some(v) = var("MESSAGE_QUEUE_HOLD_MAX_MS") {
+        cfg.message_queue_hold_max_ms = v;
+    }
+    if let Some(v) = var("MESSAGE_QUEUE_HOLD_DEPTH").and_then(|v| u32::try_from(v).ok()) {
+        cfg.message_queue_hold_depth = v.max(1);
+    }
+    cfg
 }
 
 /// The CentOps file listing `agents`.
