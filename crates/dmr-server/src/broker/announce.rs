@@ -122,7 +122,7 @@ impl Broker {
     pub async fn announce(&self, agent_id: &str, event: Announcement) {
         let Ok(link) = self.link().await else { return };
         let note = serde_json::json!({"agentId": agent_id, "instance": self.instance_id, "event": event.as_str()});
-        let _ = link
+        let published = link
             .publish
             .basic_publish(
                 SESSIONS_EXCHANGE.into(),
@@ -132,5 +132,10 @@ impl Broker {
                 BasicProperties::default(),
             )
             .await;
+        // The channel is in confirm mode: a confirm nobody awaits stays in lapin's books for the
+        // connection's life (~450 bytes per session ever opened, found with heaptrack).
+        if let Ok(confirm) = published {
+            let _ = confirm.await;
+        }
     }
 }
