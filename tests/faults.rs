@@ -43,15 +43,7 @@ async fn a_redelivered_message_is_handed_to_the_endpoint_only_once() {
         Some(0),
         "and the redelivery was acked"
     );
-    let metrics = relay
-        .http
-        .get(relay.agent_a.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = relay.agent_a.metrics().await;
     let suppressed = metric_value(&metrics, "dmr_duplicates_suppressed_total");
     assert!(suppressed >= 1.0, "suppression is counted: {suppressed}");
     relay.finish().await;

@@ -464,15 +464,7 @@ async fn deliveries_in_flight_keep_queue_order_when_the_endpoint_refuses_one_in_
         expected_posts,
         "every POST in order: a refused message is posted again before anything behind it"
     );
-    let metrics = relay
-        .http
-        .get(relay.agent_a.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = relay.agent_a.metrics().await;
     assert!(
         dmr_testkit::scrape::metric(&metrics, "dmr_deliveries_held_back_total").unwrap_or(0.0) >= 1.0,
         "deliveries were in flight behind the refused ones (the window is used)"

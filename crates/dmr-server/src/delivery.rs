@@ -214,17 +214,13 @@ async fn deliver_from<T: Transport>(
     loop {
         let room = in_flight.len() < window && !d.drain.is_cancelled();
         if room && let Some(message) = again.pop_front() {
-            match hand_over(d, message, 0, *epoch).await {
-                Ok(f) => {
-                    if in_flight.is_empty() {
-                        head_deadline = tokio::time::Instant::now() + core.cfg.delivery_timeout();
-                        record_oldest(core, agent_id, Some(&f.message));
-                    }
-                    in_flight.push_back(f);
-                    continue;
-                }
-                Err(Gone) => return Stopped::SessionEnded,
+            if send_behind(d, message, *epoch, &mut in_flight, &mut head_deadline)
+                .await
+                .is_err()
+            {
+                return Stopped::SessionEnded;
             }
+            continue;
         }
         let idle = in_flight.is_empty() && again.is_empty();
         tokio::select! {
@@ -265,15 +261,8 @@ async fn deliver_from<T: Transport>(
             next = stream.next(), if room => match next {
                 Some(Ok(delivery)) => {
                     let Some(message) = parse(core, agent_id, delivery).await else { continue };
-                    match hand_over(d, message, 0, *epoch).await {
-                        Ok(f) => {
-                            if in_flight.is_empty() {
-                                head_deadline = tokio::time::Instant::now() + core.cfg.delivery_timeout();
-                                record_oldest(core, agent_id, Some(&f.message));
-                            }
-                            in_flight.push_back(f);
-                        }
-                        Err(Gone) => return Stopped::SessionEnded,
+                    if send_behind(d, message, *epoch, &mut in_flight, &mut head_deadline).await.is_err() {
+                        return Stopped::SessionEnded;
                     }
                 }
                 Some(Err(e)) => {
@@ -301,6 +290,24 @@ async fn deliver_from<T: Transport>(
             }
         }
     }
+}
+
+/// Hands `message` over behind the deliveries in flight (its answer's clock starts now if it is the
+/// only one).
+async fn send_behind<T: Transport>(
+    d: &Deliveries<T>,
+    message: Queued,
+    epoch: u64,
+    in_flight: &mut VecDeque<InFlight>,
+    head_deadline: &mut tokio::time::Instant,
+) -> Result<(), Gone> {
+    let f = hand_over(d, message, 0, epoch).await?;
+    if in_flight.is_empty() {
+        *head_deadline = tokio::time::Instant::now() + d.core.cfg.delivery_timeout();
+        record_oldest(&d.core, &d.agent_id, Some(&f.message));
+    }
+    in_flight.push_back(f);
+    Ok(())
 }
 
 /// Records the age of the oldest message taken from the agent's queue and not settled yet (0 when

@@ -89,6 +89,16 @@ impl RunningAgent {
         format!("http://{}{path}", self.http)
     }
 
+    /// Its `/metrics` exposition.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(self.url("/metrics"))
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
     /// Waits until its stream is up and it holds the directory.
     pub async fn wait_connected(&self) {
         let deadline = Instant::now() + Duration::from_secs(15);
