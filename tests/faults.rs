@@ -217,26 +217,8 @@ async fn nothing_accepted_is_lost_when_a_server_dies_rabbitmq_restarts_streams_d
         .map(|(_, g)| format!("https://localhost:{g}"))
         .collect::<Vec<_>>()
         .join(",");
-    let agent_env = |creds: &dmr_pki::AgentCredentials, port: u16, endpoint: &str| -> Vec<(String, String)> {
-        vec![
-            ("PORT".into(), port.to_string()),
-            ("BIND_ADDRESS".into(), "127.0.0.1".into()),
-            ("AGENT_ID".into(), creds.id.clone()),
-            ("AGENT_PRIVATE_KEY".into(), creds.key_pem.clone()),
-            (
-                "TLS_CERT_FILE".into(),
-                pki.write(&format!("{}.crt", creds.id), &creds.cert_pem)
-                    .display()
-                    .to_string(),
-            ),
-            ("TLS_CA_FILE".into(), pki.ca_file.display().to_string()),
-            ("DMR_SERVER_GRPC_URL".into(), servers_url.clone()),
-            ("OUTGOING_MESSAGE_ENDPOINT".into(), endpoint.to_owned()),
-            ("OUTGOING_MESSAGE_TIMEOUT_MS".into(), "1000".into()),
-            ("WEBSOCKET_RECONNECTION_DELAY".into(), "200".into()),
-            ("WEBSOCKET_RECONNECTION_DELAY_MAX".into(), "1000".into()),
-            ("SHUTDOWN_TIMEOUT_MS".into(), "5000".into()),
-        ]
+    let agent_env = |creds: &dmr_pki::AgentCredentials, port: u16, endpoint: &str| {
+        support::processes::agent_env(&pki, creds, port, &servers_url, endpoint)
     };
     let mut s1 = DmrProcess::spawn("server-1", "server", &server_env(0), logs.path());
     let mut s2 = DmrProcess::spawn("server-2", "server", &server_env(1), logs.path());
