@@ -29,8 +29,7 @@ pub(crate) const RETRY_AFTER: Duration = Duration::from_secs(5);
 /// Recent queue counts per recipient (bounded by the directory: recipients are validated first).
 #[derive(Default)]
 pub struct BacklogCap {
-    depths: Mutex<HashMap<String, (Instant, u32)>>,
-    held: Mutex<HashMap<String, (Instant, QueueCounts)>>,
+    counts: Mutex<HashMap<String, (Instant, QueueCounts)>>,
 }
 
 impl BacklogCap {
@@ -41,24 +40,8 @@ impl BacklogCap {
         if cap == 0 {
             return None;
         }
-        let cached = self
-            .lock()
-            .get(recipient)
-            .filter(|(at, _)| at.elapsed() < FRESH_FOR)
-            .map(|(_, depth)| *depth);
-        let depth = match cached {
-            Some(depth) => depth,
-            None => {
-                let depth = core.broker.counts(recipient).await.ok()?.messages;
-                self.lock().insert(recipient.to_owned(), (Instant::now(), depth));
-                depth
-            }
-        };
+        let depth = self.counts(core, recipient, FRESH_FOR).await?.messages;
         (depth >= cap).then_some(depth)
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Instant, u32)>> {
-        self.depths.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Waits, at most `MESSAGE_QUEUE_HOLD_MAX_MS`, while `recipient` is consumed and its queue has
@@ -72,7 +55,7 @@ impl BacklogCap {
         }
         let mut held = false;
         loop {
-            let Some(counts) = self.held_counts(core, recipient).await else {
+            let Some(counts) = self.counts(core, recipient, HOLD_FRESH_FOR).await else {
                 break;
             };
             if counts.consumers == 0 || counts.messages < core.cfg.message_queue_hold_depth {
@@ -88,21 +71,23 @@ impl BacklogCap {
         if held { started.elapsed() } else { Duration::ZERO }
     }
 
-    async fn held_counts(&self, core: &Core, recipient: &str) -> Option<QueueCounts> {
+    /// `recipient`'s queue counts, read from the broker unless a read younger than `fresh_for` is
+    /// at hand; `None` if they cannot be read.
+    async fn counts(&self, core: &Core, recipient: &str, fresh_for: Duration) -> Option<QueueCounts> {
         let cached = self
-            .lock_held()
+            .lock()
             .get(recipient)
-            .filter(|(at, _)| at.elapsed() < HOLD_FRESH_FOR)
+            .filter(|(at, _)| at.elapsed() < fresh_for)
             .map(|(_, counts)| *counts);
         if cached.is_some() {
             return cached;
         }
         let counts = core.broker.counts(recipient).await.ok()?;
-        self.lock_held().insert(recipient.to_owned(), (Instant::now(), counts));
+        self.lock().insert(recipient.to_owned(), (Instant::now(), counts));
         Some(counts)
     }
 
-    fn lock_held(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Instant, QueueCounts)>> {
-        self.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Instant, QueueCounts)>> {
+        self.counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }

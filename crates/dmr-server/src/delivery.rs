@@ -167,9 +167,7 @@ pub(crate) async fn run<T: Transport>(d: Deliveries<T>) {
             }
         };
         let stopped = deliver_from(&d, consumer.consumer, &consumer.channel, &mut epoch).await;
-        if T::PIPELINES {
-            epoch += 1;
-        }
+        next_epoch::<T>(&mut epoch);
         // Closing the channel returns every unacknowledged delivery to the queue.
         let _ = consumer.channel.close(200, "session ended".into()).await;
         if matches!(stopped, Stopped::ConsumeAgain) && !ended() {
@@ -234,6 +232,9 @@ async fn deliver_from<T: Transport>(
             () = d.drain.cancelled(), if in_flight.is_empty() => return Stopped::SessionEnded,
             answer = oldest_answer(&mut in_flight, head_deadline) => {
                 let Some(done) = in_flight.pop_front() else { continue };
+                if answer.is_none() {
+                    d.acks.forget(done.delivery_id);
+                }
                 head_deadline = tokio::time::Instant::now() + core.cfg.delivery_timeout();
                 record_oldest(core, agent_id, in_flight.front().map(|f| &f.message).or(again.front()));
                 match settle(d, done.message, answer).await {
@@ -242,9 +243,7 @@ async fn deliver_from<T: Transport>(
                         // Nothing newer goes out until this one is settled: collect what is in
                         // flight behind it, then retry it alone. Whatever goes out from now on
                         // was sent knowing of the failure: a new epoch.
-                        if T::PIPELINES {
-                            *epoch += 1;
-                        }
+                        next_epoch::<T>(epoch);
                         let behind = collect_behind(d, &mut in_flight).await;
                         for m in behind.into_iter().rev() {
                             again.push_front(m);
@@ -384,8 +383,16 @@ async fn hand_over<T: Transport>(
 enum Settle {
     /// Acked, recorded as undecryptable: nothing more to do.
     Done,
-    /// Not delivered: to be retried (the verdict says how).
-    Failed(Box<Queued>, Verdict),
+    /// Not delivered: to be retried.
+    Failed(Box<Queued>, Failure),
+}
+
+/// Why a delivery is to be retried.
+enum Failure {
+    /// It failed (endpoint error, timeout): retry within the budget.
+    Retry(String),
+    /// `DECRYPTION_FAILED` within the start-up window (see [`Verdict::StartupRace`]).
+    StartupRace,
 }
 
 /// Settles a delivery from the agent's answer (`None`: none within the timeout).
@@ -408,7 +415,8 @@ async fn settle<T: Transport>(d: &Deliveries<T>, message: Queued, answer: Option
             let _ = message.delivery.ack(BasicAckOptions::default()).await;
             Settle::Done
         }
-        failure @ (Verdict::Retry(_) | Verdict::StartupRace) => Settle::Failed(Box::new(message), failure),
+        Verdict::Retry(reason) => Settle::Failed(Box::new(message), Failure::Retry(reason)),
+        Verdict::StartupRace => Settle::Failed(Box::new(message), Failure::StartupRace),
     }
 }
 
@@ -420,18 +428,11 @@ async fn collect_behind<T: Transport>(d: &Deliveries<T>, in_flight: &mut VecDequ
     let mut behind = Vec::new();
     let mut deadline = tokio::time::Instant::now() + d.core.cfg.delivery_timeout();
     while let Some(f) = in_flight.pop_front() {
-        let answer = tokio::select! {
-            () = d.abort.cancelled() => {
-                d.acks.forget(f.delivery_id);
-                continue;
-            }
-            a = tokio::time::timeout_at(deadline, f.answer) => a.ok().and_then(Result::ok),
+        let Ok((message, answer)) = answer_by(d, f, deadline).await else {
+            continue;
         };
         deadline = tokio::time::Instant::now() + d.core.cfg.delivery_timeout();
-        if answer.is_none() {
-            d.acks.forget(f.delivery_id);
-        }
-        if let Settle::Failed(message, _) = settle(d, f.message, answer).await {
+        if let Settle::Failed(message, _) = settle(d, message, answer).await {
             behind.push(*message);
         }
     }
@@ -575,7 +576,7 @@ const MAX_RETRY_PAUSE: Duration = Duration::from_secs(30);
 /// Retries a failed delivery alone (nothing else in flight) until it is delivered, recorded as
 /// undecryptable or dead-lettered, while the retry budget lasts.
 /// Each failure it learns of starts a new `epoch` (see the proto's `Delivery.epoch`).
-async fn retry_alone<T: Transport>(d: &Deliveries<T>, message: Queued, failure: Verdict, epoch: &mut u64) -> Handled {
+async fn retry_alone<T: Transport>(d: &Deliveries<T>, message: Queued, failure: Failure, epoch: &mut u64) -> Handled {
     let (core, agent_id) = (&d.core, d.agent_id.as_str());
     let mut pauses = retry_pauses(core);
     let mut attempt = 0u32;
@@ -587,14 +588,14 @@ async fn retry_alone<T: Transport>(d: &Deliveries<T>, message: Queued, failure: 
             return Handled::Left;
         }
         match failure {
-            Verdict::StartupRace => {
+            Failure::StartupRace => {
                 core.metrics.startup_race_redeliveries.inc();
                 tracing::info!(agent_id, message_id = %message.envelope.id, "DECRYPTION_FAILED right after the agent connected (it may not have stored the directory yet): delivering again");
                 if pause(d, STARTUP_RACE_PAUSE).await.is_err() {
                     return Handled::Left;
                 }
             }
-            Verdict::Retry(reason) => {
+            Failure::Retry(reason) => {
                 attempt += 1;
                 tracing::warn!(agent_id, message_id = %message.envelope.id, attempt, %reason, "delivery failed");
                 let Some(wait) = pauses.next() else {
@@ -606,30 +607,52 @@ async fn retry_alone<T: Transport>(d: &Deliveries<T>, message: Queued, failure: 
                     return Handled::Left;
                 }
             }
-            Verdict::Delivered | Verdict::Undecryptable(_) => return Handled::Settled,
         }
         record_oldest(core, agent_id, Some(&message));
         let Ok(f) = hand_over(d, message, attempt, *epoch).await else {
             return Handled::Left;
         };
         // A draining session still waits for this answer; an aborted one leaves it to the queue.
-        let answer = tokio::select! {
-            () = d.abort.cancelled() => { d.acks.forget(f.delivery_id); return Handled::Left }
-            a = tokio::time::timeout(core.cfg.delivery_timeout(), f.answer) => a.ok().and_then(Result::ok),
+        let deadline = tokio::time::Instant::now() + core.cfg.delivery_timeout();
+        let Ok((message_back, answer)) = answer_by(d, f, deadline).await else {
+            return Handled::Left;
         };
-        if answer.is_none() {
-            d.acks.forget(f.delivery_id);
-        }
-        match settle(d, f.message, answer).await {
+        match settle(d, message_back, answer).await {
             Settle::Done => return Handled::Settled,
             Settle::Failed(m, v) => {
                 message = *m;
                 failure = v;
-                if T::PIPELINES {
-                    *epoch += 1;
-                }
+                next_epoch::<T>(epoch);
             }
         }
+    }
+}
+
+/// The session aborted while a delivery waited for its answer.
+struct Aborted;
+
+/// Waits until `deadline` for the answer to `f` (`None`: none came), unless the session aborts
+/// first; a delivery id left unanswered is forgotten.
+async fn answer_by<T: Transport>(
+    d: &Deliveries<T>,
+    f: InFlight,
+    deadline: tokio::time::Instant,
+) -> Result<(Queued, Option<DeliveryAnswer>), Aborted> {
+    let answer = tokio::select! {
+        () = d.abort.cancelled() => None,
+        a = tokio::time::timeout_at(deadline, f.answer) => Some(a.ok().and_then(Result::ok)),
+    };
+    if !matches!(answer, Some(Some(_))) {
+        d.acks.forget(f.delivery_id);
+    }
+    answer.map(|a| (f.message, a)).ok_or(Aborted)
+}
+
+/// Advances the session's delivery epoch after a failure or a new consumer (see the proto's
+/// `Delivery.epoch`); transports that get one delivery at a time stay at 0.
+fn next_epoch<T: Transport>(epoch: &mut u64) {
+    if T::PIPELINES {
+        *epoch += 1;
     }
 }
 
