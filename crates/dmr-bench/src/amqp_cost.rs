@@ -6,7 +6,7 @@
 
 use crate::measure::{listener_pid, status_kib};
 use dmr_server::broker::{Broker, RemoteSessionHook, TopologySource};
-use dmr_server::config::RabbitConfig;
+use dmr_server::config::{BrokerConfig, RabbitConfig};
 use dmr_server::metrics::Metrics;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -51,7 +51,7 @@ pub async fn run(rabbit: &RabbitConfig, agents: usize, settle: Duration) -> anyh
     let base = read(broker_pid);
     report("before", &base, &base, agents);
 
-    let broker = Broker::new(cfg.clone(), Arc::new(Metrics::new()));
+    let broker = Broker::new(&BrokerConfig::default(), cfg.clone(), Arc::new(Metrics::new()))?;
     let topology: TopologySource = {
         let ids = ids.clone();
         Arc::new(move || ids.clone())
@@ -113,7 +113,7 @@ async fn consume_all(
     let consuming = read(broker_pid);
     report("one channel + consumer per agent", &consuming, declared, ids.len());
     for c in consumers.drain(..) {
-        let _ = c.channel.close(200, "measured".into()).await;
+        c.close().await;
     }
     tokio::time::sleep(settle).await;
     let closed = read(broker_pid);

@@ -2,6 +2,10 @@
 //! server, agents A and B, and a sink that prints each message it receives as one JSON line on
 //! standard output (logs go to standard error).
 //!
+//! The broker is the embedded engine by default (`--broker embedded`; its queues in
+//! `<state dir>/queues`): nothing to install. `--broker rabbitmq` (or `BROKER=rabbitmq`) uses the
+//! RabbitMQ of `RABBITMQ_DEFAULT_*` instead.
+//!
 //! Fixed ports so the original README's curl example works verbatim: agent B's REST API on
 //! 127.0.0.1:8074, agent A (`d3b07384-d9a0-4c3f-a4e2-123456789abc`) on 8073, server HTTP 8075,
 //! server gRPC 8076, sink 8079.
@@ -9,7 +13,7 @@
 use axum::body::Bytes;
 use axum::routing::post;
 use dmr_agent::config::AgentConfig;
-use dmr_server::config::{RabbitConfig, ServerConfig};
+use dmr_server::config::{BrokerEngine, RabbitConfig, ServerConfig};
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -26,7 +30,11 @@ pub struct DevArgs {
     /// Where keys and certificates are kept between runs.
     #[arg(long, env = "DMR_DEV_STATE_DIR", default_value = ".dmr-dev")]
     state_dir: PathBuf,
-    /// RabbitMQ to use.
+    /// The broker engine: `embedded` (queues on disk in the state directory, nothing to install)
+    /// or `rabbitmq`.
+    #[arg(long = "broker", env = "BROKER", value_enum, default_value_t = BrokerEngine::Embedded)]
+    broker: BrokerEngine,
+    /// RabbitMQ to use (with `--broker rabbitmq`).
     #[command(flatten)]
     rabbitmq: RabbitConfig,
 }
@@ -35,7 +43,9 @@ const LOCALHOST: &str = "127.0.0.1";
 
 /// Runs the relay until `shutdown`.
 pub async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    check_rabbitmq(&args.rabbitmq).await?;
+    if args.broker == BrokerEngine::Rabbitmq {
+        check_rabbitmq(&args.rabbitmq).await?;
+    }
     let layout = dmr_pki::Layout::new(&args.state_dir);
     let agents = [
         (AGENT_A.to_owned(), "Agent A".to_owned()),
@@ -52,6 +62,9 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<(
     );
     server_cfg.bind_address = LOCALHOST.into();
     server_cfg.rabbitmq = args.rabbitmq.clone();
+    server_cfg.broker.engine = args.broker;
+    server_cfg.broker.embedded_data_dir = args.state_dir.join("queues");
+    eprintln!("dmr dev: broker {}", describe_broker(&args));
     let server = dmr_server::Server::bind(server_cfg).await?;
     let grpc_url = format!("https://localhost:{}", server.grpc_addr().port());
 
@@ -101,6 +114,16 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<(
     Ok(())
 }
 
+fn describe_broker(args: &DevArgs) -> String {
+    match args.broker {
+        BrokerEngine::Embedded => format!(
+            "embedded, queues in {} (BROKER=rabbitmq to use RabbitMQ)",
+            args.state_dir.join("queues").display()
+        ),
+        BrokerEngine::Rabbitmq => format!("RabbitMQ at {}", args.rabbitmq.display_addr()),
+    }
+}
+
 /// The sink: prints the received JSON as one line, then answers 200.
 async fn print_message(body: Bytes) -> &'static str {
     let line = serde_json::from_slice::<serde_json::Value>(&body)
@@ -131,10 +154,11 @@ async fn check_rabbitmq(cfg: &RabbitConfig) -> anyhow::Result<()> {
 fn no_broker(cfg: &RabbitConfig, why: &str) -> String {
     format!(
         "RabbitMQ is not reachable at {} as user {:?} ({why}).\n\
-         dmr dev needs a RabbitMQ broker. Either:\n\
+         dmr dev --broker rabbitmq needs a RabbitMQ broker. Either:\n\
+         - use the embedded broker:  dmr dev   (the default; BROKER=embedded)\n\
          - start the local one:      rabbitmq-server -detached   (wait a few seconds)\n\
          - install it (Debian):      apt-get install -y rabbitmq-server && rabbitmq-server -detached\n\
-         - or point at another one:  RABBITMQ_DEFAULT_HOST=… RABBITMQ_DEFAULT_PORT=… RABBITMQ_DEFAULT_USER=… RABBITMQ_DEFAULT_PASS=… dmr dev",
+         - or point at another one:  RABBITMQ_DEFAULT_HOST=… RABBITMQ_DEFAULT_PORT=… RABBITMQ_DEFAULT_USER=… RABBITMQ_DEFAULT_PASS=… dmr dev --broker rabbitmq",
         cfg.display_addr(),
         cfg.user
     )

@@ -38,7 +38,10 @@ pub struct ServerConfig {
     /// For a file source: how often to check the file for changes, in ms (0 = only on the schedule).
     #[arg(long, env = "CENTOPS_FILE_POLL_INTERVAL_MS", default_value_t = 2000)]
     pub centops_file_poll_interval_ms: u64,
-    /// RabbitMQ connection.
+    /// Which broker engine queues the messages.
+    #[command(flatten)]
+    pub broker: BrokerConfig,
+    /// RabbitMQ connection, and the queue settings both engines use (TTLs, prefetch).
     #[command(flatten)]
     pub rabbitmq: RabbitConfig,
     /// How long to wait for an agent's delivery ack, in ms. With several deliveries in flight, the
@@ -132,7 +135,49 @@ impl Default for LegacyConfig {
     }
 }
 
-/// RabbitMQ settings (compat §6, §8).
+/// The broker engines (`crate::broker`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BrokerEngine {
+    /// RabbitMQ (RABBITMQ_DEFAULT_*): the original's topology, shared by any number of server
+    /// instances.
+    Rabbitmq,
+    /// In-process queues, durable on disk in EMBEDDED_DATA_DIR: one server instance, nothing to
+    /// install.
+    Embedded,
+}
+
+impl BrokerEngine {
+    /// The name used in `BROKER`, logs and `/ready`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Rabbitmq => "rabbitmq",
+            Self::Embedded => "embedded",
+        }
+    }
+}
+
+/// Which broker engine the server uses.
+#[derive(Clone, Debug, clap::Args)]
+pub struct BrokerConfig {
+    /// The broker engine: `rabbitmq` (the default: a drop-in for the original's deployments, any
+    /// number of instances) or `embedded` (queues in this process, durable on disk in
+    /// EMBEDDED_DATA_DIR; a single instance).
+    #[arg(long = "broker", env = "BROKER", value_enum, default_value_t = BrokerEngine::Rabbitmq)]
+    pub engine: BrokerEngine,
+    /// The embedded engine's data directory (created if missing; one server at a time).
+    #[arg(long = "embedded-data-dir", env = "EMBEDDED_DATA_DIR", default_value = "dmr-data")]
+    pub embedded_data_dir: PathBuf,
+}
+
+impl Default for BrokerConfig {
+    /// The defaults written in the definitions above (the environment is not read).
+    fn default() -> Self {
+        defaults_with(&[])
+    }
+}
+
+/// RabbitMQ settings (compat §6, §8). The TTLs, the validation-failures queue and the prefetch
+/// count apply to the embedded engine too.
 #[derive(Clone, clap::Args)]
 pub struct RabbitConfig {
     /// Broker host.

@@ -6,7 +6,7 @@
 //! time otherwise). The agent answers in order; each answer settles the oldest delivery in flight.
 //!
 //! **Invariants:**
-//! - a message is acked to RabbitMQ only after the agent acked it (or after its
+//! - a message is acked to the broker only after the agent acked it (or after its
 //!   `DECRYPTION_FAILED` report was recorded in validation-failures, or after it was dead-lettered);
 //! - order per recipient: when a delivery fails, nothing newer is handed over until it is settled.
 //!   The deliveries already in flight behind it are collected (the agent holds them back without
@@ -21,14 +21,12 @@
 //!   session (server shutdown) first waits for the answers to the deliveries in flight.
 
 use crate::Core;
+use crate::broker::{AgentConsumer, Taken};
 use crate::router;
 use crate::session::{Gone, Transport};
 use backon::BackoffBuilder as _;
 use dmr::envelope::Envelope;
 use dmr::{ErrorType, MessageError};
-use futures::StreamExt as _;
-use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicRejectOptions};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -118,7 +116,7 @@ struct InFlight {
 
 /// A message taken from the queue (not yet settled).
 struct Queued {
-    delivery: Delivery,
+    taken: Taken,
     envelope: Envelope,
 }
 
@@ -141,7 +139,7 @@ pub(crate) async fn run<T: Transport>(d: Deliveries<T>) {
             wait_for_other_consumers(core, agent_id, &d.abort, &d.drain).await;
             handover = false;
         }
-        let consumer = match core.broker.consume(agent_id, &tag).await {
+        let mut consumer = match core.broker.consume(agent_id, &tag).await {
             Ok(c) => {
                 refusals = 0;
                 c
@@ -166,10 +164,10 @@ pub(crate) async fn run<T: Transport>(d: Deliveries<T>) {
                 }
             }
         };
-        let stopped = deliver_from(&d, consumer.consumer, &consumer.channel, &mut epoch).await;
+        let stopped = deliver_from(&d, &mut consumer, &mut epoch).await;
         next_epoch::<T>(&mut epoch);
-        // Closing the channel returns every unacknowledged delivery to the queue.
-        let _ = consumer.channel.close(200, "session ended".into()).await;
+        // Every message taken and not settled returns to the queue.
+        consumer.close().await;
         if matches!(stopped, Stopped::ConsumeAgain) && !ended() {
             tokio::select! {
                 () = d.abort.cancelled() => break,
@@ -181,16 +179,12 @@ pub(crate) async fn run<T: Transport>(d: Deliveries<T>) {
     // Another instance (or session) reports this agent's backlog from now on.
     let _ = core.metrics.agent_queue_messages.remove_label_values(&[agent_id]);
     let _ = core.metrics.agent_oldest_message_age.remove_label_values(&[agent_id]);
+    let _ = core.metrics.agent_dlq_messages.remove_label_values(&[agent_id]);
 }
 
 /// Delivers from one consumer, keeping up to the session's window of deliveries in flight, until
 /// the session ends or the consumer must be started again.
-async fn deliver_from<T: Transport>(
-    d: &Deliveries<T>,
-    mut stream: lapin::Consumer,
-    channel: &lapin::Channel,
-    epoch: &mut u64,
-) -> Stopped {
+async fn deliver_from<T: Transport>(d: &Deliveries<T>, consumer: &mut AgentConsumer, epoch: &mut u64) -> Stopped {
     let core = &d.core;
     let agent_id = d.agent_id.as_str();
     let window = if T::PIPELINES { core.cfg.delivery_window() } else { 1 };
@@ -257,9 +251,9 @@ async fn deliver_from<T: Transport>(
                     }
                 }
             }
-            next = stream.next(), if room => match next {
-                Some(Ok(delivery)) => {
-                    let Some(message) = parse(core, agent_id, delivery).await else { continue };
+            next = consumer.next(), if room => match next {
+                Some(Ok(taken)) => {
+                    let Some(message) = parse(core, agent_id, taken).await else { continue };
                     if send_behind(d, message, *epoch, &mut in_flight, &mut head_deadline).await.is_err() {
                         return Stopped::SessionEnded;
                     }
@@ -276,7 +270,7 @@ async fn deliver_from<T: Transport>(
             // RabbitMQ does not always tell a consumer that its queue was deleted (seen with
             // quorum queues on 3.10): check now and then, and when told the queue was re-created.
             _ = check.tick(), if idle => {
-                if !sample_backlog(core, channel, agent_id).await {
+                if !sample_backlog(core, consumer, agent_id).await {
                     tracing::info!(agent_id, "the agent's queue was deleted; consuming again");
                     return Stopped::ConsumeAgain;
                 }
@@ -344,12 +338,12 @@ async fn oldest_answer(in_flight: &mut VecDeque<InFlight>, deadline: tokio::time
 }
 
 /// Reads a queued message; one that is not an envelope is dead-lettered at once (`None`).
-async fn parse(core: &Core, agent_id: &str, delivery: Delivery) -> Option<Queued> {
-    match serde_json::from_slice::<Envelope>(&delivery.data) {
-        Ok(envelope) => Some(Queued { delivery, envelope }),
+async fn parse(core: &Core, agent_id: &str, taken: Taken) -> Option<Queued> {
+    match serde_json::from_slice::<Envelope>(&taken.body) {
+        Ok(envelope) => Some(Queued { taken, envelope }),
         Err(e) => {
             tracing::error!(agent_id, error = %e, "queued message is not an envelope; dead-lettering it");
-            let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
+            let _ = taken.reject().await;
             core.metrics.dead_lettered.inc();
             None
         }
@@ -404,15 +398,15 @@ async fn settle<T: Transport>(d: &Deliveries<T>, message: Queued, answer: Option
             if let Some(waited) = queued_for(&message.envelope) {
                 core.metrics.queue_wait.observe(waited);
             }
-            if let Err(e) = message.delivery.ack(BasicAckOptions::default()).await {
-                tracing::warn!(agent_id, message_id = %message.envelope.id, error = %e, "ack to RabbitMQ failed; the message will be redelivered");
+            if let Err(e) = message.taken.ack().await {
+                tracing::warn!(agent_id, message_id = %message.envelope.id, error = %e, "ack to the broker failed; the message will be redelivered");
             }
             tracing::debug!(agent_id, message_id = %message.envelope.id, "delivered");
             Settle::Done
         }
         Verdict::Undecryptable(errors) => {
             router::record_validation_failure(core, message.envelope.to_value(), errors).await;
-            let _ = message.delivery.ack(BasicAckOptions::default()).await;
+            let _ = message.taken.ack().await;
             Settle::Done
         }
         Verdict::Retry(reason) => Settle::Failed(Box::new(message), Failure::Retry(reason)),
@@ -478,13 +472,19 @@ async fn wait_for_other_consumers(core: &Core, agent_id: &str, abort: &Cancellat
     }
 }
 
-/// Samples `agent_id`'s queue on the consumer's own channel and records its backlog; true if the
-/// queue exists and has a consumer.
-async fn sample_backlog(core: &Core, channel: &lapin::Channel, agent_id: &str) -> bool {
-    let Ok(counts) = crate::broker::queue_counts(channel, agent_id).await else {
+/// Samples `agent_id`'s queue through its consumer and records its backlog and its DLQ's depth;
+/// true if the queue exists and has a consumer.
+async fn sample_backlog(core: &Core, consumer: &AgentConsumer, agent_id: &str) -> bool {
+    let Ok(counts) = consumer.counts().await else {
         return false;
     };
     record_backlog(core, agent_id, counts.messages);
+    if let Ok(dlq) = core.broker.counts(&format!("{agent_id}.dlq")).await {
+        core.metrics
+            .agent_dlq_messages
+            .with_label_values(&[agent_id])
+            .set(i64::from(dlq.messages));
+    }
     counts.consumers > 0
 }
 
@@ -514,7 +514,7 @@ fn queued_for(envelope: &Envelope) -> Option<f64> {
 /// What to do with a delivery once the agent answered (or did not).
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Verdict {
-    /// Delivered: ack to RabbitMQ.
+    /// Delivered: ack to the broker.
     Delivered,
     /// The agent could not decrypt or verify it: record in validation-failures, then ack.
     Undecryptable(Vec<MessageError>),
@@ -599,7 +599,7 @@ async fn retry_alone<T: Transport>(d: &Deliveries<T>, message: Queued, failure: 
                 attempt += 1;
                 tracing::warn!(agent_id, message_id = %message.envelope.id, attempt, %reason, "delivery failed");
                 let Some(wait) = pauses.next() else {
-                    dead_letter(core, agent_id, &message.envelope, message.delivery, attempt, &reason).await;
+                    dead_letter(core, agent_id, &message, attempt, &reason).await;
                     return Handled::Settled;
                 };
                 core.metrics.delivery_retries.inc();
@@ -666,31 +666,17 @@ async fn pause<T: Transport>(d: &Deliveries<T>, wait: Duration) -> Result<(), ()
 }
 
 /// Moves a message that could not be delivered to `<agent-id>.dlq`, with the last error in its
-/// headers (`x-dmr-last-error`, `x-dmr-attempts`); if that publish is not confirmed, rejects it
-/// instead, so RabbitMQ dead-letters it (`x-death` reason `rejected`).
-async fn dead_letter(
-    core: &Core,
-    agent_id: &str,
-    envelope: &Envelope,
-    delivery: Delivery,
-    attempts: u32,
-    last_error: &str,
-) {
+/// headers (`x-dmr-last-error`, `x-dmr-attempts`); see [`crate::broker::Broker::dead_letter`].
+async fn dead_letter(core: &Core, agent_id: &str, message: &Queued, attempts: u32, last_error: &str) {
+    let envelope = &message.envelope;
     tracing::error!(agent_id, message_id = %envelope.id, attempts, last_error, "delivery attempts exhausted; dead-lettering to {agent_id}.dlq");
     core.metrics.dead_lettered.inc();
     let dlq = format!("{agent_id}.dlq");
-    let moved = core
+    if let Err(e) = core
         .broker
-        .publish_dead_letter(&dlq, &delivery.data, attempts, last_error)
-        .await;
-    let settled = match moved {
-        Ok(()) => delivery.ack(BasicAckOptions::default()).await,
-        Err(e) => {
-            tracing::warn!(agent_id, message_id = %envelope.id, error = %e, "could not publish the dead letter; rejecting it to the DLQ instead");
-            delivery.reject(BasicRejectOptions { requeue: false }).await
-        }
-    };
-    if let Err(e) = settled {
+        .dead_letter(&message.taken, &dlq, attempts, last_error)
+        .await
+    {
         tracing::warn!(agent_id, message_id = %envelope.id, error = %e, "settling the dead letter failed; the message will be redelivered");
     }
 }

@@ -31,7 +31,13 @@ async fn health() -> impl IntoResponse {
 }
 
 async fn ready(State(core): State<Arc<Core>>) -> impl IntoResponse {
-    let rabbitmq = core.broker.is_ready();
+    let engine = core.broker.engine();
+    let broker_ready = core.broker.is_ready();
+    let rabbitmq = match engine {
+        crate::config::BrokerEngine::Rabbitmq if broker_ready => "connected",
+        crate::config::BrokerEngine::Rabbitmq => "disconnected",
+        crate::config::BrokerEngine::Embedded => "not used",
+    };
     let ready = core.is_ready();
     let agents = core.directory.current().len();
     let status = if ready {
@@ -51,7 +57,8 @@ async fn ready(State(core): State<Arc<Core>>) -> impl IntoResponse {
         headers,
         Json(json!({
             "status": if ready { "ready" } else { "not ready" },
-            "rabbitmq": if rabbitmq { "connected" } else { "disconnected" },
+            "broker": {"engine": engine.as_str(), "ready": broker_ready},
+            "rabbitmq": rabbitmq,
             "directoryLoaded": core.directory.is_loaded(),
             "shuttingDown": core.stop.is_cancelled(),
             "directoryAgents": agents,

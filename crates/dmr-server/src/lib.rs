@@ -159,7 +159,7 @@ impl Server {
         let tls = tls::server_config(&cfg.tls_cert_file, &cfg.tls_key_file, &cfg.tls_client_ca_file)?;
         let schedule = directory::parse_schedule(&cfg.centops_configuration_cron_time)?;
         let metrics = Arc::new(Metrics::new());
-        let broker = Broker::new(cfg.rabbitmq.clone(), metrics.clone());
+        let broker = Broker::new(&cfg.broker, cfg.rabbitmq.clone(), metrics.clone())?;
         broker.check_access().await?;
         let grpc = bind(&cfg.bind_address, cfg.grpc_port).await?;
         let http = bind(&cfg.bind_address, cfg.port).await?;

@@ -35,6 +35,10 @@ pub struct Metrics {
     pub auth_failures: IntCounterVec,
     /// 1 while connected to RabbitMQ.
     pub rabbitmq_connected: IntGauge,
+    /// 1 while the broker engine (RabbitMQ or embedded) takes and delivers messages.
+    pub broker_ready: IntGauge,
+    /// Messages in the dead-letter queue of each agent connected to this instance.
+    pub agent_dlq_messages: IntGaugeVec,
     /// Publish → confirm latency.
     pub publish_confirm_seconds: Histogram,
     /// Deliveries retried after a failure or timeout.
@@ -159,6 +163,20 @@ impl Metrics {
                 &["reason"]
             )),
             rabbitmq_connected: reg!(gauge("dmr_rabbitmq_connected", "1 while connected to RabbitMQ")),
+            broker_ready: reg!(gauge(
+                "dmr_broker_ready",
+                "1 while the broker engine (BROKER: rabbitmq or embedded) takes and delivers messages"
+            )),
+            agent_dlq_messages: reg!(
+                IntGaugeVec::new(
+                    Opts::new(
+                        "dmr_agent_dlq_messages",
+                        "Messages in the dead-letter queue (<agent-id>.dlq) of each agent connected to this instance"
+                    ),
+                    &["agent_id"]
+                )
+                .unwrap_or_else(|_| unreachable!())
+            ),
             publish_confirm_seconds: reg!(histogram(
                 "dmr_rabbitmq_publish_confirm_duration_seconds",
                 "Publish to confirm latency",

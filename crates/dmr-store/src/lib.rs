@@ -77,6 +77,7 @@
 //! were returned to the queue before the stop (the delivery itself is not written to disk).
 
 mod error;
+mod handle;
 mod record;
 mod writer;
 
@@ -94,8 +95,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, oneshot};
 
 pub use error::StoreError;
+pub use handle::Acker;
 use record::Meta;
-use writer::{DeadLetterKind, Op, Reply};
+use writer::{Op, Reply};
 
 /// Header `x-death-reason`: why a message was dead-lettered (`rejected` or `expired`).
 pub const X_DEATH_REASON: &str = "x-death-reason";
@@ -206,9 +208,9 @@ pub struct Counts {
 
 pub(crate) struct QueueState {
     pub(crate) args: QueueArgs,
-    incarnation: u64,
+    pub(crate) incarnation: u64,
     pub(crate) ready: BTreeMap<u64, Meta>,
-    consumers: HashMap<u64, BTreeMap<u64, Meta>>,
+    pub(crate) consumers: HashMap<u64, BTreeMap<u64, Meta>>,
     unacked: usize,
     notify: Arc<Notify>,
 }
@@ -300,14 +302,14 @@ pub(crate) struct Inner {
 }
 
 impl Inner {
-    fn send(&self, op: Op) -> Result<(), StoreError> {
+    pub(crate) fn send(&self, op: Op) -> Result<(), StoreError> {
         match lock(&self.tx).as_ref() {
             Some(tx) => tx.send(op).map_err(|_| StoreError::Closed),
             None => Err(StoreError::Closed),
         }
     }
 
-    async fn call(&self, make: impl FnOnce(Reply) -> Op) -> Result<u64, StoreError> {
+    pub(crate) async fn call(&self, make: impl FnOnce(Reply) -> Op) -> Result<u64, StoreError> {
         let (tx, rx) = oneshot::channel();
         self.send(make(Reply::Async(tx)))?;
         rx.await.map_err(|_| StoreError::Closed)?
@@ -530,7 +532,7 @@ impl Store {
         })
     }
 
-    fn inner(&self) -> &Arc<Inner> {
+    pub(crate) fn inner(&self) -> &Arc<Inner> {
         &self.handle.inner
     }
 
@@ -669,7 +671,7 @@ pub struct Consumer {
     inner: Arc<Inner>,
     queue: String,
     id: u64,
-    incarnation: u64,
+    pub(crate) incarnation: u64,
     prefetch: u16,
     notify: Arc<Notify>,
 }
@@ -759,36 +761,10 @@ impl Consumer {
         }
     }
 
-    fn check_held(&self, seq: u64) -> Result<(), StoreError> {
-        let st = lock(&self.inner.state);
-        let held = st
-            .queues
-            .get(&self.queue)
-            .filter(|q| q.incarnation == self.incarnation)
-            .and_then(|q| q.consumers.get(&self.id))
-            .is_some_and(|h| h.contains_key(&seq));
-        if held {
-            Ok(())
-        } else {
-            Err(StoreError::UnknownDelivery {
-                queue: self.queue.clone(),
-                seq,
-            })
-        }
-    }
-
     /// Acknowledges a delivery: the message leaves the queue. The commit is not fsynced (see the
     /// fsync policy in the crate docs): a crash may bring the message back.
     pub async fn ack(&self, seq: u64) -> Result<(), StoreError> {
-        self.check_held(seq)?;
-        self.inner
-            .call(|reply| Op::Ack {
-                queue: self.queue.clone(),
-                seq,
-                reply,
-            })
-            .await
-            .map(|_| ())
+        self.acker().ack(seq).await
     }
 
     /// Rejects a delivery: moves it to the queue's `dead_letter_to` with `x-death-*` headers
@@ -796,16 +772,7 @@ impl Consumer {
     /// none, in one durable transaction. [`StoreError::QueueNotFound`] (and the message stays
     /// unacknowledged) if the dead-letter queue is not declared.
     pub async fn reject(&self, seq: u64, reason: &str) -> Result<(), StoreError> {
-        self.check_held(seq)?;
-        self.inner
-            .call(|reply| Op::DeadLetter {
-                queue: self.queue.clone(),
-                seq,
-                kind: DeadLetterKind::Rejected(reason.to_string()),
-                reply,
-            })
-            .await
-            .map(|_| ())
+        self.acker().reject(seq, reason).await
     }
 
     /// Moves a delivery to the queue's `dead_letter_to` with `headers` merged into its own
@@ -813,16 +780,7 @@ impl Consumer {
     /// dead-letter queue. [`StoreError::QueueNotFound`] (and the message stays unacknowledged)
     /// if the dead-letter queue is not declared.
     pub async fn dead_letter(&self, seq: u64, headers: Headers) -> Result<(), StoreError> {
-        self.check_held(seq)?;
-        self.inner
-            .call(|reply| Op::DeadLetter {
-                queue: self.queue.clone(),
-                seq,
-                kind: DeadLetterKind::Caller(headers),
-                reply,
-            })
-            .await
-            .map(|_| ())
+        self.acker().dead_letter(seq, headers).await
     }
 }
 

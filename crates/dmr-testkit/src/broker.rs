@@ -1,13 +1,26 @@
-//! The shared RabbitMQ from a test's point of view: its settings, a probe for inspecting queues,
-//! and deleting the queues a test created — also when the test panics ([`QueueGuard`]).
+//! The broker from a test's point of view: which engine the suite runs on ([`test_engine`]), the
+//! shared RabbitMQ's settings, a probe for inspecting queues on either engine, and deleting the
+//! queues a test created on RabbitMQ — also when the test panics ([`QueueGuard`]).
 
 use crate::KitError;
-use dmr_server::config::RabbitConfig;
+use dmr_server::broker::{AgentConsumer, Broker};
+use dmr_server::config::{BrokerEngine, RabbitConfig};
 use futures::StreamExt as _;
 use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
 use serde_json::Value;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// The engine the end-to-end tests run the server on: `DMR_TEST_BROKER` (`rabbitmq`, the default,
+/// or `embedded`; anything else is a mistake and panics). The test command runs the suites once
+/// on each.
+pub fn test_engine() -> BrokerEngine {
+    match std::env::var("DMR_TEST_BROKER").as_deref() {
+        Err(_) | Ok("" | "rabbitmq") => BrokerEngine::Rabbitmq,
+        Ok("embedded") => BrokerEngine::Embedded,
+        Ok(other) => panic!("DMR_TEST_BROKER={other:?}: expected rabbitmq or embedded"),
+    }
+}
 
 /// RabbitMQ settings from `RABBITMQ_DEFAULT_*` (default 127.0.0.1:5672 guest/guest).
 pub fn rabbit_config() -> RabbitConfig {
@@ -82,9 +95,14 @@ pub struct QueueGuard {
 }
 
 impl QueueGuard {
+    /// A guard for queues on RabbitMQ at `rabbit`; with the embedded engine ([`test_engine`]) the
+    /// queues live in the server's temporary data directory and it has nothing to delete.
     pub fn new(rabbit: &RabbitConfig) -> Self {
         Self {
-            uri: rabbit.uri(),
+            uri: match test_engine() {
+                BrokerEngine::Rabbitmq => rabbit.uri(),
+                BrokerEngine::Embedded => String::new(),
+            },
             queues: Mutex::new(Vec::new()),
         }
     }
@@ -108,6 +126,7 @@ impl QueueGuard {
     pub async fn delete_now(&self) {
         let names = std::mem::take(&mut *self.lock());
         if !names.is_empty()
+            && !self.uri.is_empty()
             && let Err(e) = delete_queues(&self.uri, names).await
         {
             eprintln!("test queues not deleted: {e}");
@@ -124,6 +143,7 @@ impl Drop for QueueGuard {
     fn drop(&mut self) {
         let names = std::mem::take(&mut *self.lock());
         if !names.is_empty()
+            && !self.uri.is_empty()
             && let Err(e) = delete_queues_blocking(&self.uri, names)
         {
             eprintln!("test queues not deleted: {e}");
@@ -131,12 +151,20 @@ impl Drop for QueueGuard {
     }
 }
 
-/// A direct AMQP connection for inspecting queues. Panics with a clear message if no broker.
+/// Inspects queues: over a direct AMQP connection (RabbitMQ), or through the in-process server's
+/// own broker handle (the embedded engine, whose store only the server may open). Panics with a
+/// clear message if RabbitMQ is needed and not there.
 pub struct BrokerProbe {
-    conn: lapin::Connection,
+    inner: Probe,
+}
+
+enum Probe {
+    Amqp(Box<lapin::Connection>),
+    Embedded(Arc<Broker>),
 }
 
 impl BrokerProbe {
+    /// A probe on the shared RabbitMQ.
     pub async fn connect() -> Self {
         Self::connect_to(&rabbit_config()).await
     }
@@ -149,7 +177,19 @@ impl BrokerProbe {
         .await
         .unwrap_or_else(|_| panic!("RabbitMQ at {} did not answer within 10 s: these tests need a real broker (see README: the test command starts one)", cfg.display_addr()))
         .unwrap_or_else(|e| panic!("RabbitMQ at {} is not reachable ({e}): these tests need a real broker (see README: the test command starts one)", cfg.display_addr()));
-        Self { conn }
+        Self {
+            inner: Probe::Amqp(Box::new(conn)),
+        }
+    }
+
+    /// A probe on the broker `server` uses, whichever the engine.
+    pub async fn for_server(server: &crate::RunningServer) -> Self {
+        match server.core.broker.engine() {
+            BrokerEngine::Rabbitmq => Self::connect_to(server.core.broker.config()).await,
+            BrokerEngine::Embedded => Self {
+                inner: Probe::Embedded(server.core.broker.clone()),
+            },
+        }
     }
 
     /// Messages ready in `queue` (None if it does not exist).
@@ -163,7 +203,14 @@ impl BrokerProbe {
     }
 
     async fn queue_counts(&self, queue: &str) -> Option<(u32, u32)> {
-        let ch = self.conn.create_channel().await.ok()?;
+        let conn = match &self.inner {
+            Probe::Amqp(conn) => conn,
+            Probe::Embedded(broker) => {
+                let c = broker.counts(queue).await.ok()?;
+                return Some((c.messages, c.consumers));
+            }
+        };
+        let ch = conn.create_channel().await.ok()?;
         let passive = QueueDeclareOptions {
             passive: true,
             ..Default::default()
@@ -201,18 +248,41 @@ impl BrokerProbe {
 
     /// Takes every message from `queue` (acking them) and returns their JSON bodies.
     pub async fn drain(&self, queue: &str) -> Vec<Value> {
-        let ch = self.conn.create_channel().await.expect("channel");
+        let json = |body: &[u8]| serde_json::from_slice(body).unwrap_or(Value::Null);
         let mut out = Vec::new();
-        while let Ok(Some(msg)) = ch.basic_get(queue.into(), BasicGetOptions { no_ack: true }).await {
-            out.push(serde_json::from_slice(&msg.delivery.data).unwrap_or(Value::Null));
+        match &self.inner {
+            Probe::Amqp(conn) => {
+                let ch = conn.create_channel().await.expect("channel");
+                while let Ok(Some(msg)) = ch.basic_get(queue.into(), BasicGetOptions { no_ack: true }).await {
+                    out.push(json(&msg.delivery.data));
+                }
+                let _ = ch.close(200, "probe".into()).await;
+            }
+            Probe::Embedded(broker) => {
+                let Ok(mut consumer) = broker.consume(queue, "probe").await else {
+                    return out;
+                };
+                while broker.counts(queue).await.is_ok_and(|c| c.messages > 0) {
+                    let Ok(Some(Ok(taken))) = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await
+                    else {
+                        break;
+                    };
+                    out.push(json(&taken.body));
+                    taken.ack().await.expect("ack");
+                }
+                consumer.close().await;
+            }
         }
-        let _ = ch.close(200, "probe".into()).await;
         out
     }
 
-    /// Consumes `queue` without acking, as another server instance would; closing the channel lets go.
+    /// Consumes `queue` without acking, as another server instance would (RabbitMQ only: the
+    /// embedded engine has no other instances); closing the channel lets go.
     pub async fn hold_consumer(&self, queue: &str) -> (lapin::Channel, lapin::Consumer) {
-        let ch = self.conn.create_channel().await.expect("channel");
+        let Probe::Amqp(conn) = &self.inner else {
+            panic!("hold_consumer stands for another server instance: RabbitMQ only");
+        };
+        let ch = conn.create_channel().await.expect("channel");
         let consumer = ch
             .basic_consume(
                 queue.into(),
@@ -225,10 +295,21 @@ impl BrokerProbe {
         (ch, consumer)
     }
 
+    /// A consumer of `queue` through the server's broker (the embedded engine only).
+    pub async fn consume_embedded(&self, queue: &str) -> AgentConsumer {
+        let Probe::Embedded(broker) = &self.inner else {
+            panic!("consume_embedded: the embedded engine only");
+        };
+        broker.consume(queue, "probe").await.expect("consume")
+    }
+
     /// Deletes queues (missing ones are fine).
     pub async fn delete(&self, queues: &[String]) {
+        let Probe::Amqp(conn) = &self.inner else {
+            return;
+        };
         for q in queues {
-            if let Ok(ch) = self.conn.create_channel().await {
+            if let Ok(ch) = conn.create_channel().await {
                 let _ = ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
                 let _ = ch.close(200, "cleanup".into()).await;
             }

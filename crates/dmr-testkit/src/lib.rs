@@ -27,7 +27,9 @@ pub mod servers;
 pub mod session;
 pub mod sink;
 
-pub use broker::{BrokerProbe, QueueGuard, agent_queues, delete_queues, delete_queues_blocking, rabbit_config};
+pub use broker::{
+    BrokerProbe, QueueGuard, agent_queues, delete_queues, delete_queues_blocking, rabbit_config, test_engine,
+};
 pub use centops::CentOpsStub;
 pub use error::KitError;
 pub use legacy::LegacyAgent;

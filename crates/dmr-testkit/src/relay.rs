@@ -55,7 +55,6 @@ impl Relay {
         init();
         // First, so that it drops last if the start-up itself fails.
         let guard = QueueGuard::new(&rabbit_config());
-        let probe = BrokerProbe::connect().await;
         let pki = TestPki::new();
         let a = pki.agent("Agent A");
         let b = pki.agent("Agent B");
@@ -77,6 +76,7 @@ impl Relay {
         }
         tune(&mut cfg);
         let server = start_server(cfg).await;
+        let probe = BrokerProbe::for_server(&server).await;
         let (sink_a, sink_b) = (Sink::start().await, Sink::start().await);
         let agent_a = start_agent(agent_config(&pki, &a, server.grpc, &sink_a.url)).await;
         let agent_b = start_agent(agent_config(&pki, &b, server.grpc, &sink_b.url)).await;

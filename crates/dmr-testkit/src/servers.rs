@@ -2,10 +2,10 @@
 //! starters that return once the thing is usable.
 
 use crate::TestPki;
-use crate::broker::rabbit_config;
+use crate::broker::{rabbit_config, test_engine};
 use dmr_agent::config::AgentConfig;
 use dmr_pki::AgentCredentials;
-use dmr_server::config::{RabbitConfig, ServerConfig};
+use dmr_server::config::{BrokerEngine, RabbitConfig, ServerConfig};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -26,6 +26,7 @@ pub fn base_server_config(pki: &TestPki, centops: &Path, rabbit: &RabbitConfig, 
     cfg.grpc_port = 0;
     cfg.rabbitmq = rabbit.clone();
     cfg.rabbitmq.validation_failures_queue = vf_queue.to_owned();
+    cfg.broker.engine = test_engine();
     cfg
 }
 
@@ -47,10 +48,20 @@ pub struct RunningServer {
     pub stop: CancellationToken,
     pub task: tokio::task::JoinHandle<()>,
     pub core: Arc<dmr_server::Core>,
+    /// The embedded engine's data directory, when the server got a temporary one (removed on drop,
+    /// after the server: fields drop in order).
+    pub data_dir: Option<tempfile::TempDir>,
 }
 
-/// Binds and runs `cfg` on the current runtime; returns once it is connected to RabbitMQ.
-pub async fn start_server(cfg: ServerConfig) -> RunningServer {
+/// Binds and runs `cfg` on the current runtime; returns once its broker is ready. With the
+/// embedded engine and no data directory chosen (the default one), the server gets a temporary one.
+pub async fn start_server(mut cfg: ServerConfig) -> RunningServer {
+    let default_dir = dmr_server::config::BrokerConfig::default().embedded_data_dir;
+    let data_dir = (cfg.broker.engine == BrokerEngine::Embedded && cfg.broker.embedded_data_dir == default_dir)
+        .then(|| tempfile::tempdir().expect("temporary data directory"));
+    if let Some(dir) = &data_dir {
+        cfg.broker.embedded_data_dir = dir.path().to_owned();
+    }
     let server = dmr_server::Server::bind(cfg).await.expect("server starts");
     let (grpc, http, core) = (server.grpc_addr(), server.http_addr(), server.core().clone());
     let stop = CancellationToken::new();
@@ -62,7 +73,7 @@ pub async fn start_server(cfg: ServerConfig) -> RunningServer {
     while !core.broker.is_ready() {
         assert!(
             Instant::now() < deadline,
-            "server did not connect to RabbitMQ within 15 s"
+            "the server's broker was not ready within 15 s"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -72,6 +83,7 @@ pub async fn start_server(cfg: ServerConfig) -> RunningServer {
         stop,
         task,
         core,
+        data_dir,
     }
 }
 

@@ -1,42 +1,39 @@
-//! The RabbitMQ side, split by job:
-//! - [`supervisor`]: one connection for publishing and declarations, kept up by a reconnect loop
-//!   (every `RABBITMQ_DEFAULT_DEFAULT_RECONNECT_INTERVAL`);
-//! - [`topology`]: the original's queues and their arguments (compat §6);
-//! - [`publish`]: confirmed publishing;
-//! - [`consumers`]: a pool of connections for per-agent consumers;
-//! - [`announce`]: what instances tell each other on the `dmr.sessions` fanout exchange.
+//! The broker: the one interface routing, delivery, retries and dead-lettering are written against,
+//! with two engines behind it (`BROKER`):
+//! - [`rabbitmq`]: RabbitMQ, the original's topology (compat §6): the distributed engine, shared
+//!   by every server instance;
+//! - [`embedded`]: in-process queues, durable on disk ([`dmr_store`]), for a single instance with
+//!   nothing installed.
 //!
-//! **Invariants:**
-//! - [`Broker::publish`] returns `Ok` only when RabbitMQ confirmed the message (ack, and not
-//!   returned as unroutable): "accepted" means durably queued.
-//! - Declarations use a throw-away channel, so a `PRECONDITION_FAILED` on one queue cannot poison
-//!   the publishing channel.
-//! - While disconnected, every operation fails fast with [`BrokerError::Unavailable`]; nothing is
-//!   buffered in memory.
-//! - Each consumer has a channel of its own (closing it returns its unacknowledged deliveries), and
-//!   a connection carries at most `RABBITMQ_CONSUMERS_PER_CONNECTION` (1,000) of them: RabbitMQ caps
-//!   channels per connection (`channel_max`, 2,047 by default), and one instance serves thousands of
-//!   agents.
+//! Both give the same guarantees, which the end-to-end tests demand of each:
+//! - [`Broker::publish`] (and the future of [`Broker::start_publish`]) returns `Ok` only once the
+//!   message is durably queued: "accepted" means it survives a crash of the broker (RabbitMQ's
+//!   publisher confirm; an fsync for the embedded engine);
+//! - one queue per agent, `<agent-id>`, delivered in order to [`AgentConsumer`]s with at most
+//!   `RABBITMQ_PREFETCH_COUNT` unsettled messages each; a message taken and never settled (the
+//!   consumer closed, the process died) is delivered again, before newer ones;
+//! - message TTL (`RABBITMQ_DEFAULT_TTL`) moves expired messages to `<agent-id>.dlq`, and so does
+//!   [`Taken::reject`]; [`Taken::dead_letter`] moves one there with the delivery's attempts and
+//!   last error;
+//! - the validation-failures queue, and the last legacy token per agent.
+//!
+//! While an engine is not ready (RabbitMQ disconnected), every operation fails fast with
+//! [`BrokerError::Unavailable`]; nothing is buffered in memory.
 
-mod announce;
-mod consumers;
-mod legacy_tokens;
-mod publish;
-mod supervisor;
-mod topology;
+pub mod embedded;
+pub mod rabbitmq;
 
-pub use announce::{Announcement, RemoteSessionHook, SESSIONS_EXCHANGE};
-pub use consumers::{AgentConsumer, QueueCounts, queue_counts};
-pub use legacy_tokens::TokenRecord;
-pub use supervisor::TopologySource;
+pub use rabbitmq::SESSIONS_EXCHANGE;
 
-use crate::config::RabbitConfig;
+use crate::config::{BrokerConfig, BrokerEngine, RabbitConfig};
 use crate::metrics::Metrics;
-use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use futures::future::Either;
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
-use tokio::sync::{RwLock, watch};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
-/// What went wrong talking to RabbitMQ.
+/// What went wrong talking to the broker.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     /// Not connected right now; retry later.
@@ -66,8 +63,21 @@ pub enum BrokerError {
         /// The client's error.
         source: lapin::Error,
     },
+    /// The embedded engine's store failed the operation.
+    #[error("embedded broker: {operation} on queue {queue:?} failed: {source}")]
+    Store {
+        /// What we were doing.
+        operation: &'static str,
+        /// The queue involved.
+        queue: String,
+        /// The store's error.
+        source: Box<dmr_store::StoreError>,
+    },
+    /// The embedded engine's data directory cannot be opened (in use by another server, unreadable).
+    #[error("embedded broker: cannot open its data directory (EMBEDDED_DATA_DIR): {0}")]
+    Open(Box<dmr_store::StoreError>),
     /// The broker negatively acknowledged or returned the message.
-    #[error("RabbitMQ did not accept the message for queue {queue:?}: {}", rejection.as_str())]
+    #[error("the broker did not accept the message for queue {queue:?}: {}", rejection.as_str())]
     NotAccepted {
         /// The queue.
         queue: String,
@@ -76,10 +86,34 @@ pub enum BrokerError {
     },
 }
 
-/// How RabbitMQ refused a published message.
+impl BrokerError {
+    /// True when the operation failed because the queue does not exist.
+    pub fn is_queue_missing(&self) -> bool {
+        match self {
+            Self::Amqp { source, .. } => {
+                rabbitmq::soft_error(source) == Some(&lapin::protocol::AMQPSoftError::NOTFOUND)
+            }
+            Self::Store { source, .. } => matches!(**source, dmr_store::StoreError::QueueNotFound(_)),
+            _ => false,
+        }
+    }
+
+    /// True when a queue exists with other arguments (RabbitMQ's `PRECONDITION_FAILED`).
+    pub fn is_precondition_failed(&self) -> bool {
+        match self {
+            Self::Amqp { source, .. } => {
+                rabbitmq::soft_error(source) == Some(&lapin::protocol::AMQPSoftError::PRECONDITIONFAILED)
+            }
+            Self::Store { source, .. } => matches!(**source, dmr_store::StoreError::ArgsDiffer { .. }),
+            _ => false,
+        }
+    }
+}
+
+/// How the broker refused a published message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rejection {
-    /// Returned: no queue of that name (mandatory publish).
+    /// No queue of that name (RabbitMQ returned the mandatory publish).
     Unroutable,
     /// Negatively acknowledged.
     Nacked,
@@ -97,75 +131,340 @@ impl Rejection {
     }
 }
 
-/// The AMQP soft error in `e`, if the broker sent one.
-fn soft_error(e: &lapin::Error) -> Option<&AMQPSoftError> {
-    match e.kind() {
-        lapin::ErrorKind::ProtocolError(amqp) => match amqp.kind() {
-            AMQPErrorKind::Soft(soft) => Some(soft),
-            AMQPErrorKind::Hard(_) => None,
-        },
-        _ => None,
+/// What a queue holds now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueCounts {
+    /// Messages ready for delivery (not counting unsettled ones).
+    pub messages: u32,
+    /// Consumers attached (on any instance).
+    pub consumers: u32,
+}
+
+/// Returns the agent ids whose queues must exist (called on every (re)connect).
+pub type TopologySource = Arc<dyn Fn() -> Vec<String> + Send + Sync>;
+
+/// Called with an agent id and an [`Announcement`] made by another server instance.
+pub type RemoteSessionHook = Arc<dyn Fn(&str, Announcement) + Send + Sync>;
+
+/// What instances tell each other about an agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Announcement {
+    /// The agent opened a session on the announcing instance (older sessions elsewhere must close).
+    Session,
+    /// The agent's queue was missing and has been declared again (consumers must re-attach).
+    QueueRecreated,
+}
+
+impl Announcement {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Session => "session",
+            Self::QueueRecreated => "queue-recreated",
+        }
+    }
+
+    pub(crate) fn parse(s: &str) -> Option<Self> {
+        match s {
+            "session" => Some(Self::Session),
+            "queue-recreated" => Some(Self::QueueRecreated),
+            _ => None,
+        }
     }
 }
 
-impl BrokerError {
-    /// True when the operation failed because the queue does not exist (`NOT_FOUND`).
-    pub fn is_queue_missing(&self) -> bool {
-        matches!(self, Self::Amqp { source, .. } if soft_error(source) == Some(&AMQPSoftError::NOTFOUND))
-    }
-
-    /// True when a queue exists with other arguments (`PRECONDITION_FAILED`).
-    pub fn is_precondition_failed(&self) -> bool {
-        matches!(self, Self::Amqp { source, .. } if soft_error(source) == Some(&AMQPSoftError::PRECONDITIONFAILED))
-    }
+/// What is remembered of an agent's last authenticated legacy session: digests only, never the
+/// token itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenRecord {
+    /// SHA-256 of the token, hex.
+    pub token_digest: String,
+    /// SHA-256 of the directory key the token was verified with, hex (a re-keyed agent's old
+    /// token is refused).
+    pub key_digest: String,
 }
 
-/// Shared handle to RabbitMQ.
+/// The queue that remembers an agent's last legacy token (at most one message, newest wins).
+pub(crate) fn legacy_token_queue(agent_id: &str) -> String {
+    format!("dmr.legacy-token.{agent_id}")
+}
+
+/// The engine behind a [`Broker`].
+enum Engine {
+    RabbitMq(rabbitmq::RabbitMq),
+    Embedded(embedded::Embedded),
+}
+
+/// Shared handle to the broker, whichever the engine.
 pub struct Broker {
-    cfg: RabbitConfig,
-    instance_id: String,
-    link: RwLock<Option<Arc<supervisor::Link>>>,
-    ready: watch::Sender<bool>,
-    metrics: Arc<Metrics>,
+    engine: Engine,
+    rabbitmq: RabbitConfig,
 }
 
 impl Broker {
-    /// Creates the handle; call [`Broker::run`] to connect and keep connected.
-    pub fn new(cfg: RabbitConfig, metrics: Arc<Metrics>) -> Arc<Self> {
-        Arc::new(Self {
-            cfg,
-            instance_id: uuid::Uuid::new_v4().to_string(),
-            link: RwLock::new(None),
-            ready: watch::channel(false).0,
-            metrics,
+    /// Creates the handle; call [`Broker::run`] to connect (RabbitMQ) or declare the queues
+    /// (embedded). The embedded engine opens its data directory here, so a directory in use by
+    /// another server is an error at start.
+    pub fn new(cfg: &BrokerConfig, rabbitmq: RabbitConfig, metrics: Arc<Metrics>) -> Result<Arc<Self>, BrokerError> {
+        let engine = match cfg.engine {
+            BrokerEngine::Rabbitmq => Engine::RabbitMq(rabbitmq::RabbitMq::new(rabbitmq.clone(), metrics)),
+            BrokerEngine::Embedded => Engine::Embedded(embedded::Embedded::open(
+                &cfg.embedded_data_dir,
+                rabbitmq.clone(),
+                metrics,
+            )?),
+        };
+        Ok(Arc::new(Self { engine, rabbitmq }))
+    }
+
+    /// Which engine this is.
+    pub fn engine(&self) -> BrokerEngine {
+        match self.engine {
+            Engine::RabbitMq(_) => BrokerEngine::Rabbitmq,
+            Engine::Embedded(_) => BrokerEngine::Embedded,
+        }
+    }
+
+    /// The queue settings (TTLs, prefetch, queue names), shared by both engines.
+    pub fn config(&self) -> &RabbitConfig {
+        &self.rabbitmq
+    }
+
+    /// Watches readiness (connected with the topology declared).
+    pub fn ready(&self) -> watch::Receiver<bool> {
+        match &self.engine {
+            Engine::RabbitMq(r) => r.ready(),
+            Engine::Embedded(e) => e.ready(),
+        }
+    }
+
+    /// True while the engine can take and deliver messages.
+    pub fn is_ready(&self) -> bool {
+        *self.ready().borrow()
+    }
+
+    /// Checks RabbitMQ's address and credentials (a refusal is a start-up error); nothing to check
+    /// for the embedded engine.
+    pub async fn check_access(&self) -> Result<(), BrokerError> {
+        match &self.engine {
+            Engine::RabbitMq(r) => r.check_access().await,
+            Engine::Embedded(_) => Ok(()),
+        }
+    }
+
+    /// Keeps the engine up until `stop`: RabbitMQ's reconnect loop; the embedded engine's
+    /// declarations (then it waits and closes its store).
+    pub async fn run(
+        self: Arc<Self>,
+        topology: TopologySource,
+        remote_sessions: RemoteSessionHook,
+        stop: CancellationToken,
+    ) {
+        match &self.engine {
+            Engine::RabbitMq(r) => r.run(topology, remote_sessions, stop).await,
+            Engine::Embedded(e) => e.run(topology, stop).await,
+        }
+    }
+
+    /// Publishes `body` durably to `queue` and waits until it is durably queued.
+    pub async fn publish(&self, queue: &str, body: &[u8]) -> Result<(), BrokerError> {
+        self.start_publish(queue, body).await?.await
+    }
+
+    /// Sends `body` to `queue` now (so calls made in order are queued in order) and returns a future
+    /// that resolves once it is durably queued.
+    pub async fn start_publish(
+        &self,
+        queue: &str,
+        body: &[u8],
+    ) -> Result<impl Future<Output = Result<(), BrokerError>> + use<>, BrokerError> {
+        Ok(match &self.engine {
+            Engine::RabbitMq(r) => Either::Left(r.start_publish(queue, body).await?),
+            Engine::Embedded(e) => Either::Right(e.start_publish(queue, body)?),
         })
     }
 
-    /// Watches connection readiness.
-    pub fn ready(&self) -> watch::Receiver<bool> {
-        self.ready.subscribe()
+    /// Declares `<id>.dlq` and `<id>` with the original's arguments (compat §6).
+    pub async fn declare_agent(&self, agent_id: &str) -> Result<(), BrokerError> {
+        match &self.engine {
+            Engine::RabbitMq(r) => r.declare_agent(agent_id).await,
+            Engine::Embedded(e) => e.declare_agent(agent_id),
+        }
     }
 
-    /// True while connected with topology declared.
-    pub fn is_ready(&self) -> bool {
-        *self.ready.borrow()
+    /// What `queue` holds now (messages ready, consumers on any instance).
+    pub async fn counts(&self, queue: &str) -> Result<QueueCounts, BrokerError> {
+        match &self.engine {
+            Engine::RabbitMq(r) => r.counts(queue).await,
+            Engine::Embedded(e) => e.counts(queue),
+        }
     }
 
-    /// The configuration.
-    pub fn config(&self) -> &RabbitConfig {
-        &self.cfg
+    /// Open connections that carry agent consumers (RabbitMQ; 0 for the embedded engine).
+    pub async fn consumer_connections(&self) -> usize {
+        match &self.engine {
+            Engine::RabbitMq(r) => r.consumer_connections().await,
+            Engine::Embedded(_) => 0,
+        }
     }
 
-    fn set_ready(&self, ready: bool) {
-        self.ready.send_replace(ready);
-        self.metrics.rabbitmq_connected.set(i64::from(ready));
+    /// Starts consuming `queue` with at most `RABBITMQ_PREFETCH_COUNT` unsettled messages.
+    pub async fn consume(&self, queue: &str, consumer_tag: &str) -> Result<AgentConsumer, BrokerError> {
+        Ok(AgentConsumer(match &self.engine {
+            Engine::RabbitMq(r) => Consumer::RabbitMq(Box::new(r.consume(queue, consumer_tag).await?)),
+            Engine::Embedded(e) => Consumer::Embedded(e.consume(queue)?),
+        }))
     }
 
-    async fn link(&self) -> Result<Arc<supervisor::Link>, BrokerError> {
-        self.link
-            .read()
-            .await
-            .clone()
-            .ok_or_else(|| BrokerError::Unavailable(self.cfg.display_addr()))
+    /// Tells the other instances about `agent_id` (best effort; the embedded engine has none).
+    pub async fn announce(&self, agent_id: &str, event: Announcement) {
+        match &self.engine {
+            Engine::RabbitMq(r) => r.announce(agent_id, event).await,
+            Engine::Embedded(_) => {}
+        }
+    }
+
+    /// Remembers `record` (for `ttl_ms`) as the agent's last authenticated legacy token, durably.
+    pub async fn remember_legacy_token(
+        &self,
+        agent_id: &str,
+        record: &TokenRecord,
+        ttl_ms: u64,
+    ) -> Result<(), BrokerError> {
+        match &self.engine {
+            Engine::RabbitMq(r) => r.remember_legacy_token(agent_id, record, ttl_ms).await,
+            Engine::Embedded(e) => e.remember_legacy_token(agent_id, record, ttl_ms).await,
+        }
+    }
+
+    /// The agent's last authenticated legacy token, if remembered.
+    pub async fn last_legacy_token(&self, agent_id: &str, ttl_ms: u64) -> Result<Option<TokenRecord>, BrokerError> {
+        match &self.engine {
+            Engine::RabbitMq(r) => r.last_legacy_token(agent_id, ttl_ms).await,
+            Engine::Embedded(e) => e.last_legacy_token(agent_id, ttl_ms),
+        }
+    }
+
+    /// Moves `taken`, taken from `<agent-id>`'s queue, to `<agent-id>.dlq` with the number of
+    /// attempts and the last error (`x-dmr-attempts`, `x-dmr-last-error`); it leaves the queue only
+    /// once it is in the DLQ.
+    pub async fn dead_letter(
+        &self,
+        taken: &Taken,
+        dlq: &str,
+        attempts: u32,
+        last_error: &str,
+    ) -> Result<(), BrokerError> {
+        match &taken.settle {
+            Settle::RabbitMq(acker) => {
+                let published = match &self.engine {
+                    Engine::RabbitMq(r) => r.publish_dead_letter(dlq, &taken.body, attempts, last_error).await,
+                    Engine::Embedded(_) => Err(BrokerError::Unavailable(dlq.to_owned())),
+                };
+                let reject = match published {
+                    Ok(()) => false,
+                    Err(e) => {
+                        tracing::warn!(queue = dlq, error = %e, "could not publish the dead letter; rejecting it to the DLQ instead");
+                        true
+                    }
+                };
+                rabbitmq::settle(acker, reject)
+                    .await
+                    .map_err(|source| BrokerError::Amqp {
+                        operation: "dead-letter",
+                        queue: dlq.to_owned(),
+                        source,
+                    })
+            }
+            Settle::Embedded(acker, seq) => embedded::dead_letter(acker, *seq, dlq, attempts, last_error).await,
+        }
+    }
+}
+
+/// A consumer of one agent queue, whichever the engine.
+pub struct AgentConsumer(Consumer);
+
+enum Consumer {
+    RabbitMq(Box<rabbitmq::RabbitConsumer>),
+    Embedded(embedded::EmbeddedConsumer),
+}
+
+impl AgentConsumer {
+    /// The next message, in queue order (`None`: the broker ended the consumer, e.g. the queue was
+    /// deleted; consume again).
+    pub async fn next(&mut self) -> Option<Result<Taken, BrokerError>> {
+        match &mut self.0 {
+            Consumer::RabbitMq(c) => c.next().await,
+            Consumer::Embedded(c) => c.next().await.map(Ok),
+        }
+    }
+
+    /// The counts of the consumed queue (an error if it is gone).
+    pub async fn counts(&self) -> Result<QueueCounts, BrokerError> {
+        match &self.0 {
+            Consumer::RabbitMq(c) => c.counts().await,
+            Consumer::Embedded(c) => c.counts(),
+        }
+    }
+
+    /// Stops consuming: every message taken and not settled returns to the queue, ahead of newer
+    /// ones.
+    pub async fn close(self) {
+        match self.0 {
+            Consumer::RabbitMq(c) => c.close().await,
+            Consumer::Embedded(c) => drop(c),
+        }
+    }
+}
+
+/// A message taken from an agent queue, to be settled once (ack, reject, or
+/// [`Broker::dead_letter`]); left unsettled, it returns to the queue when its consumer closes.
+pub struct Taken {
+    /// The message as published.
+    pub body: Vec<u8>,
+    settle: Settle,
+}
+
+enum Settle {
+    RabbitMq(lapin::Acker),
+    Embedded(dmr_store::Acker, u64),
+}
+
+impl Taken {
+    pub(crate) fn rabbitmq(body: Vec<u8>, acker: lapin::Acker) -> Self {
+        Self {
+            body,
+            settle: Settle::RabbitMq(acker),
+        }
+    }
+
+    pub(crate) fn embedded(body: Vec<u8>, acker: dmr_store::Acker, seq: u64) -> Self {
+        Self {
+            body,
+            settle: Settle::Embedded(acker, seq),
+        }
+    }
+
+    /// Done with it: it leaves the queue.
+    pub async fn ack(&self) -> Result<(), BrokerError> {
+        self.finish(false).await
+    }
+
+    /// Refused: the broker moves it to the queue's DLQ (`x-death` reason `rejected`).
+    pub async fn reject(&self) -> Result<(), BrokerError> {
+        self.finish(true).await
+    }
+
+    async fn finish(&self, reject: bool) -> Result<(), BrokerError> {
+        match &self.settle {
+            Settle::RabbitMq(acker) => rabbitmq::settle(acker, reject)
+                .await
+                .map_err(|source| BrokerError::Amqp {
+                    operation: if reject { "reject" } else { "ack" },
+                    queue: String::new(),
+                    source,
+                }),
+            Settle::Embedded(acker, seq) => embedded::settle(acker, *seq, reject).await,
+        }
     }
 }

@@ -2,49 +2,20 @@
 //! session of an agent (older sessions elsewhere must close) and a re-created queue (consumers
 //! must re-attach). Best effort: a lost note is covered by the consumer handover wait and checks.
 
-use super::{Broker, BrokerError};
+use super::RabbitMq;
+use crate::broker::{Announcement, BrokerError, RemoteSessionHook};
 use futures::StreamExt as _;
 use lapin::BasicProperties;
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
-use std::sync::Arc;
 
 /// Fanout exchange on which instances announce new agent sessions, so that a newer connection of
 /// an agent on one instance replaces an older one on another.
 pub const SESSIONS_EXCHANGE: &str = "dmr.sessions";
 
-/// Called with an agent id and an [`Announcement`] made by another server instance.
-pub type RemoteSessionHook = Arc<dyn Fn(&str, Announcement) + Send + Sync>;
-
-/// What instances tell each other about an agent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Announcement {
-    /// The agent opened a session on the announcing instance (older sessions elsewhere must close).
-    Session,
-    /// The agent's queue was missing and has been declared again (consumers must re-attach).
-    QueueRecreated,
-}
-
-impl Announcement {
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Session => "session",
-            Self::QueueRecreated => "queue-recreated",
-        }
-    }
-
-    fn parse(s: &str) -> Option<Self> {
-        match s {
-            "session" => Some(Self::Session),
-            "queue-recreated" => Some(Self::QueueRecreated),
-            _ => None,
-        }
-    }
-}
-
-impl Broker {
+impl RabbitMq {
     /// Binds a private queue to [`SESSIONS_EXCHANGE`] and calls `hook` for other instances' notes.
     pub(super) async fn listen_for_sessions(&self, hook: RemoteSessionHook) -> Result<(), BrokerError> {
         let link = self.link().await?;

@@ -1,11 +1,12 @@
 //! Confirmed publishing: "accepted" means RabbitMQ confirmed the message and did not return it.
 
-use super::{Broker, BrokerError, Rejection};
+use super::RabbitMq;
+use crate::broker::{BrokerError, Rejection};
 use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Confirmation};
 
-impl Broker {
+impl RabbitMq {
     /// Publishes `body` persistently to `queue` and waits for the broker's confirm.
     pub async fn publish(&self, queue: &str, body: &[u8]) -> Result<(), BrokerError> {
         self.start_publish(queue, body).await?.await

@@ -1,9 +1,12 @@
 //! Per-agent consumers, spread over a pool of connections (RabbitMQ caps channels per connection).
 
+use super::RabbitMq;
 use super::supervisor::{CONNECT_TIMEOUT, Link};
-use super::{Broker, BrokerError};
+use crate::broker::{BrokerError, QueueCounts, Taken};
 use crate::config::RabbitConfig;
-use lapin::options::{BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
+use futures::StreamExt as _;
+use lapin::Acker;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties, Consumer};
 use std::sync::Arc;
@@ -38,13 +41,54 @@ impl Drop for ConsumerSlot {
 
 /// An open consumer on an agent queue, with the channel it lives on (closing the channel returns
 /// unacknowledged deliveries to the queue).
-pub struct AgentConsumer {
-    /// The channel (ack/reject happen through deliveries' ackers).
-    pub channel: Channel,
-    /// The delivery stream.
-    pub consumer: Consumer,
+pub struct RabbitConsumer {
+    channel: Channel,
+    consumer: Consumer,
+    queue: String,
     /// Keeps the consumer counted on its connection.
     _slot: ConsumerSlot,
+}
+
+impl RabbitConsumer {
+    /// The next message (`None`: the broker cancelled the consumer).
+    pub(crate) async fn next(&mut self) -> Option<Result<Taken, BrokerError>> {
+        let next = self.consumer.next().await?;
+        Some(
+            next.map(|delivery| Taken::rabbitmq(delivery.data, delivery.acker))
+                .map_err(|source| BrokerError::Amqp {
+                    operation: "consume",
+                    queue: self.queue.clone(),
+                    source,
+                }),
+        )
+    }
+
+    /// The counts of the consumed queue, read on the consumer's own channel (an error if the queue
+    /// is gone).
+    pub(crate) async fn counts(&self) -> Result<QueueCounts, BrokerError> {
+        queue_counts(&self.channel, &self.queue)
+            .await
+            .map_err(|source| BrokerError::Amqp {
+                operation: "count",
+                queue: self.queue.clone(),
+                source,
+            })
+    }
+
+    /// Closes the channel: every unacknowledged delivery returns to the queue.
+    pub(crate) async fn close(self) {
+        let _ = self.channel.close(200, "session ended".into()).await;
+    }
+}
+
+/// Settles one delivery (`reject`: RabbitMQ dead-letters it to the queue's DLQ, `x-death` reason
+/// `rejected`).
+pub(crate) async fn settle(acker: &Acker, reject: bool) -> Result<(), lapin::Error> {
+    if reject {
+        acker.reject(BasicRejectOptions { requeue: false }).await.map(|_| ())
+    } else {
+        acker.ack(BasicAckOptions::default()).await.map(|_| ())
+    }
 }
 
 impl Link {
@@ -80,18 +124,9 @@ impl Link {
     }
 }
 
-/// What a queue holds now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct QueueCounts {
-    /// Messages ready for delivery (not counting unacknowledged ones).
-    pub messages: u32,
-    /// Consumers attached (on any instance).
-    pub consumers: u32,
-}
-
 /// The counts of `queue` now, by a passive declare on `channel` (which RabbitMQ closes if the
 /// queue does not exist).
-pub async fn queue_counts(channel: &Channel, queue: &str) -> Result<QueueCounts, lapin::Error> {
+async fn queue_counts(channel: &Channel, queue: &str) -> Result<QueueCounts, lapin::Error> {
     let passive = QueueDeclareOptions {
         passive: true,
         ..QueueDeclareOptions::default()
@@ -105,7 +140,7 @@ pub async fn queue_counts(channel: &Channel, queue: &str) -> Result<QueueCounts,
     })
 }
 
-impl Broker {
+impl RabbitMq {
     /// What `queue` holds now (messages ready, consumers on any instance).
     pub async fn counts(&self, queue: &str) -> Result<QueueCounts, BrokerError> {
         let link = self.link().await?;
@@ -139,7 +174,7 @@ impl Broker {
     }
 
     /// Starts consuming `queue` on a new channel with at most `prefetch` unacked deliveries.
-    pub async fn consume(&self, queue: &str, consumer_tag: &str) -> Result<AgentConsumer, BrokerError> {
+    pub async fn consume(&self, queue: &str, consumer_tag: &str) -> Result<RabbitConsumer, BrokerError> {
         let link = self.link().await?;
         let amqp = |source| BrokerError::Amqp {
             operation: "consume",
@@ -163,9 +198,10 @@ impl Broker {
             )
             .await
             .map_err(amqp)?;
-        Ok(AgentConsumer {
+        Ok(RabbitConsumer {
             channel,
             consumer,
+            queue: queue.to_owned(),
             _slot: slot,
         })
     }

@@ -1,7 +1,8 @@
 //! The publishing connection and the loop that keeps it (and the topology) up.
 
 use super::consumers::{ConsumerConnection, connection_uri};
-use super::{Broker, BrokerError, RemoteSessionHook, soft_error};
+use super::{RabbitMq, soft_error};
+use crate::broker::{BrokerError, RemoteSessionHook, TopologySource};
 use futures::StreamExt as _;
 use lapin::options::ConfirmSelectOptions;
 use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
@@ -17,9 +18,6 @@ pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Queue declarations run concurrently at start-up and after a reconnect.
 const DECLARATIONS_IN_FLIGHT: usize = 32;
-
-/// Returns the agent ids whose queues must exist (called on every (re)connect).
-pub type TopologySource = Arc<dyn Fn() -> Vec<String> + Send + Sync>;
 
 /// A live connection with its publishing channel, and the consumer connections opened since.
 pub(super) struct Link {
@@ -51,7 +49,7 @@ fn is_access_refused(e: &lapin::Error) -> bool {
         if matches!(amqp.kind(), AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED)))
 }
 
-impl Broker {
+impl RabbitMq {
     /// Opens one connection to check the address and credentials, then closes it. A refused login
     /// or virtual host is an error to report at start; an unreachable broker is not (it may come
     /// up later, and the server reports not-ready meanwhile).
@@ -87,12 +85,7 @@ impl Broker {
     }
 
     /// Connects, declares the topology, and reconnects after every loss until `stop`.
-    pub async fn run(
-        self: Arc<Self>,
-        topology: TopologySource,
-        remote_sessions: RemoteSessionHook,
-        stop: CancellationToken,
-    ) {
+    pub async fn run(&self, topology: TopologySource, remote_sessions: RemoteSessionHook, stop: CancellationToken) {
         let interval = self.cfg.reconnect_interval();
         loop {
             match self.connect_once(&topology, &remote_sessions).await {

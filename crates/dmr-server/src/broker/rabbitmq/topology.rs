@@ -1,11 +1,12 @@
 //! The original's queues (compat §6): `<id>` (quorum, TTL, dead-lettering to `<id>.dlq`),
 //! `<id>.dlq` and the validation-failures queue.
 
-use super::{Broker, BrokerError};
+use super::RabbitMq;
+use crate::broker::BrokerError;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable};
 
-impl Broker {
+impl RabbitMq {
     fn plain_queue_args(&self, ttl_ms: u32) -> FieldTable {
         let mut args = FieldTable::default();
         args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));

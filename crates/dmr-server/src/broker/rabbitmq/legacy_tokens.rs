@@ -5,28 +5,16 @@
 //! (`x-max-length` 1, the newest wins) that expires after `WEB_SOCKET_LAST_TOKEN_TTL_MS`. Reading
 //! it takes the message without acking and closes the channel, which puts it back.
 
-use super::{Broker, BrokerError};
+use super::RabbitMq;
+use crate::broker::{BrokerError, TokenRecord};
 use lapin::options::{BasicGetOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use serde::{Deserialize, Serialize};
-
-/// What is remembered of an agent's last authenticated legacy session: digests only, never the
-/// token itself.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct TokenRecord {
-    /// SHA-256 of the token, hex.
-    pub token_digest: String,
-    /// SHA-256 of the directory key the token was verified with, hex (a re-keyed agent's old
-    /// token is refused).
-    pub key_digest: String,
-}
 
 fn queue_name(agent_id: &str) -> String {
     format!("dmr.legacy-token.{agent_id}")
 }
 
-impl Broker {
+impl RabbitMq {
     async fn declare_token_queue(channel: &lapin::Channel, queue: &str, ttl_ms: u64) -> Result<(), lapin::Error> {
         let mut args = FieldTable::default();
         args.insert("x-max-length".into(), AMQPValue::LongInt(1));
