@@ -2,6 +2,7 @@
 //! transaction and one commit (group commit). See the crate docs for the fsync policy.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
@@ -261,6 +262,7 @@ impl Writer {
                 queues: txn.open_table(QUEUES).map_err(|x| e(x.into()))?,
                 messages: txn.open_table(MESSAGES).map_err(|x| e(x.into()))?,
             };
+            self.inner.operations.fetch_add(ops.len() as u64, Ordering::Relaxed);
             for op in ops {
                 self.op(op, &mut t, b)?;
             }
@@ -274,6 +276,10 @@ impl Writer {
         })
         .map_err(|x| e(x.into()))?;
         txn.commit().map_err(|x| e(x.into()))?;
+        self.inner.commits.fetch_add(1, Ordering::Relaxed);
+        if b.durable {
+            self.inner.durable_commits.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(())
     }
 

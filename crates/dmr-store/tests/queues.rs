@@ -502,6 +502,10 @@ async fn group_commit_keeps_per_task_order() {
     for h in hs {
         h.await.unwrap();
     }
+    let stats = s.stats();
+    println!("{stats:?}");
+    // 1,000 publishes from 50 concurrent tasks share commits (one fsync each).
+    assert!(stats.durable_commits < (tasks * per) as u64, "{stats:?}");
     drop(s);
     let s = open(dir.path());
     let all = s.list("q", 10_000).unwrap();
@@ -703,4 +707,5 @@ async fn throughput() {
         n as f64 / all.as_secs_f64()
     );
     assert_eq!(s.counts("q").unwrap().messages_ready, 0);
+    println!("{:?}", s.stats());
 }
