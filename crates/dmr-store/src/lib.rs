@@ -754,6 +754,9 @@ impl Consumer {
     /// The next message: waits while the queue has no ready message or this consumer already
     /// holds `prefetch` unacknowledged ones. `None` once the queue is deleted or the store is
     /// closed (or, logged, if the database cannot be read).
+    ///
+    /// Cancel-safe: a message is taken off the queue and read in the same poll, so dropping the
+    /// future loses nothing.
     pub async fn next(&mut self) -> Option<Message> {
         loop {
             let notify = self.notify.clone();

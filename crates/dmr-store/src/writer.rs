@@ -204,11 +204,9 @@ impl Writer {
             durable: force_durable,
             pending: HashMap::new(),
         };
-        let seq_before = self.next_seq;
         let result = self.transact(ops, &mut b);
         if let Err(e) = &result {
             tracing::error!(error = %e, "queue store commit failed");
-            self.next_seq = self.next_seq.max(seq_before);
             let mut st = lock(&self.inner.state);
             for (queue, seq, meta) in b.undo.drain(..) {
                 if let Some(qs) = st.queues.get_mut(&queue) {
