@@ -85,6 +85,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -195,6 +196,17 @@ pub struct Message {
     pub enqueued_at: SystemTime,
 }
 
+/// Counters of the writer thread, since the store was opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Operations applied (publish, ack, reject, dead-letter, declare, delete, expiry batch).
+    pub operations: u64,
+    /// Write transactions committed (each one batch of operations).
+    pub commits: u64,
+    /// Of which with `Durability::Immediate` (fsync).
+    pub durable_commits: u64,
+}
+
 /// A queue's counts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counts {
@@ -299,6 +311,9 @@ pub(crate) struct Inner {
     tx: Mutex<Option<mpsc::Sender<Op>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     lock_file: Mutex<Option<File>>,
+    pub(crate) operations: AtomicU64,
+    pub(crate) commits: AtomicU64,
+    pub(crate) durable_commits: AtomicU64,
 }
 
 impl Inner {
@@ -520,6 +535,9 @@ impl Store {
             tx: Mutex::new(Some(tx)),
             writer: Mutex::new(None),
             lock_file: Mutex::new(Some(lock_file)),
+            operations: AtomicU64::new(0),
+            commits: AtomicU64::new(0),
+            durable_commits: AtomicU64::new(0),
         });
         let w = writer::Writer::new(inner.clone(), db, next_seq, opts.sweep_interval);
         let handle = std::thread::Builder::new()
@@ -546,6 +564,17 @@ impl Store {
     /// [`StoreError::Closed`]; consumers get `None`. Blocks until the writer has stopped.
     pub fn close(&self) {
         self.inner().close();
+    }
+
+    /// The writer thread's counters (e.g. to see group commit at work: far fewer commits than
+    /// publishes under concurrency).
+    pub fn stats(&self) -> StoreStats {
+        let i = self.inner();
+        StoreStats {
+            operations: i.operations.load(Ordering::Relaxed),
+            commits: i.commits.load(Ordering::Relaxed),
+            durable_commits: i.durable_commits.load(Ordering::Relaxed),
+        }
     }
 
     /// Declares a queue. Idempotent with the same arguments; with different ones it fails with
@@ -727,6 +756,9 @@ impl Consumer {
     /// The next message: waits while the queue has no ready message or this consumer already
     /// holds `prefetch` unacknowledged ones. `None` once the queue is deleted or the store is
     /// closed (or, logged, if the database cannot be read).
+    ///
+    /// Cancel-safe: a message is taken off the queue and read in the same poll, so dropping the
+    /// future loses nothing.
     pub async fn next(&mut self) -> Option<Message> {
         loop {
             let notify = self.notify.clone();

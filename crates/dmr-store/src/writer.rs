@@ -2,6 +2,7 @@
 //! transaction and one commit (group commit). See the crate docs for the fsync policy.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
@@ -203,11 +204,9 @@ impl Writer {
             durable: force_durable,
             pending: HashMap::new(),
         };
-        let seq_before = self.next_seq;
         let result = self.transact(ops, &mut b);
         if let Err(e) = &result {
             tracing::error!(error = %e, "queue store commit failed");
-            self.next_seq = self.next_seq.max(seq_before);
             let mut st = lock(&self.inner.state);
             for (queue, seq, meta) in b.undo.drain(..) {
                 if let Some(qs) = st.queues.get_mut(&queue) {
@@ -261,6 +260,7 @@ impl Writer {
                 queues: txn.open_table(QUEUES).map_err(|x| e(x.into()))?,
                 messages: txn.open_table(MESSAGES).map_err(|x| e(x.into()))?,
             };
+            self.inner.operations.fetch_add(ops.len() as u64, Ordering::Relaxed);
             for op in ops {
                 self.op(op, &mut t, b)?;
             }
@@ -274,6 +274,10 @@ impl Writer {
         })
         .map_err(|x| e(x.into()))?;
         txn.commit().map_err(|x| e(x.into()))?;
+        self.inner.commits.fetch_add(1, Ordering::Relaxed);
+        if b.durable {
+            self.inner.durable_commits.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(())
     }
 
