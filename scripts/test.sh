@@ -2,7 +2,8 @@
 # The whole test suite, as CI runs it: a broker, the test tooling (npm: jose, socket.io-client, buf;
 # PyPI: grpcurl, schemathesis; Debian: prometheus), proto lint, deployment-file checks, formatting,
 # clippy, and every Rust test (unit, end-to-end against real RabbitMQ and mTLS, interop with the real
-# jose and socket.io-client packages, fault injection, operability).
+# jose and socket.io-client packages, fault injection, operability), then the end-to-end suites
+# again on the embedded broker engine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,6 +38,25 @@ log="$(mktemp)"
 set +e
 cargo test --workspace --no-fail-fast 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
+echo "== cargo test: the same end-to-end suites on the embedded broker engine"
+# The same tests, parameterised by DMR_TEST_BROKER (not copies). RabbitMQ is pointed at a closed
+# port, so that a test that still needed it would fail here. Skipped by name: what only RabbitMQ
+# has (other server instances on one queue, consumer connections, refused credentials, queues
+# deleted by hand, broker restarts on a private node) and the SIGTERM test that watches the queue
+# over AMQP while the server process runs (the SIGKILL test covers the embedded engine's process).
+DMR_TEST_BROKER=embedded RABBITMQ_DEFAULT_PORT=1 cargo test --no-fail-fast \
+  --test relay --test legacy --test legacy_restarts --test shutdown --test server_edges \
+  --test directory --test faults -- \
+  --skip a_new_session_waits_until_another_instance_lets_go_of_the_queue \
+  --skip consumers_spread_over_connections_and_messages_flow_on_each \
+  --skip refused_broker_credentials_stop_the_server_at_start_naming_user_and_vhost \
+  --skip sigterm_under_load_answers_every_queued_send_and_never_says_outcome_unknown \
+  --skip a_consumer_survives_its_queue_being_deleted \
+  --skip a_connection_on_another_instance_replaces_the_first \
+  --skip nothing_accepted_is_lost_when_a_server_dies_rabbitmq_restarts_streams_drop_and_the_endpoint_stalls \
+  2>&1 | tee -a "$log"
+embedded_status=${PIPESTATUS[0]}
+[ "$status" -eq 0 ] && status=$embedded_status
 set -e
 # One closing line for the whole run (cargo prints one per test binary, the last often for doc tests).
 awk '/^test result:/ {p += $4; f += $6} END {printf "tests: %d passed, %d failed\n", p, f}' "$log"

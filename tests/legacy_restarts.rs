@@ -69,23 +69,6 @@ async fn relay_on_fixed_ports() -> (Relay, Vec<dmr_pki::AgentCredentials>) {
     .await
 }
 
-/// Stops the relay's server the way SIGTERM does; returns its configuration.
-async fn stop_server(relay: &mut Relay) -> dmr_server::config::ServerConfig {
-    let cfg = relay.server.core.cfg.clone();
-    relay.server.stop.cancel();
-    while !relay.server.task.is_finished() {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    cfg
-}
-
-/// Stops the relay's server and starts a new one with the same configuration (nothing in memory
-/// survives, as with a new process).
-async fn restart_server(relay: &mut Relay) {
-    let cfg = stop_server(relay).await;
-    relay.server = start_server(cfg).await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_original_agent_comes_back_after_a_server_restart_and_nothing_is_lost() {
     let (mut relay, extra) = relay_on_fixed_ports().await;
@@ -99,7 +82,7 @@ async fn an_original_agent_comes_back_after_a_server_restart_and_nothing_is_lost
     assert_eq!(sink_c.wait_for(1, WAIT).await.len(), 1);
     // Its one token expires; then the server restarts (a new process would know nothing either).
     until(now() + 2).await;
-    restart_server(&mut relay).await;
+    relay.restart_server().await;
     relay.agent_b.wait_connected().await;
     let messages: Vec<Value> = (0..20).map(|_| seed_message(&c.id)).collect();
     for m in &messages {
@@ -242,9 +225,9 @@ async fn a_delivery_in_flight_at_shutdown_is_answered_so_the_restart_does_not_re
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // SIGTERM's path while the endpoint is still handling it.
-    let cfg = stop_server(&mut relay).await;
+    let cfg = relay.stop_server().await;
     sink_c.set_delay(Duration::ZERO);
-    relay.server = start_server(cfg).await;
+    relay.start_server_again(cfg).await;
     session(&mut legacy).await;
     // A second copy would come at once after the reconnection: wait long enough to see it (this
     // sleep backs a negative check), and prove the agent is served again.

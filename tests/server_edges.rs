@@ -6,7 +6,6 @@
 
 mod support;
 
-use lapin::options::BasicGetOptions;
 use std::time::{Duration, Instant};
 use support::*;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -90,6 +89,8 @@ async fn refused_broker_credentials_stop_the_server_at_start_naming_user_and_vho
     let pki = TestPki::new();
     let a = pki.agent("A");
     let mut cfg = server_config(&pki, &pki.write_centops(&[&a]), "unused");
+    // RabbitMQ's own check, whatever engine the suite runs the others on.
+    cfg.broker.engine = dmr_server::config::BrokerEngine::Rabbitmq;
     cfg.rabbitmq.user = "nobody-here".into();
     cfg.rabbitmq.pass = "wrong-password-123".into();
     let err = dmr_server::Server::bind(cfg)
@@ -106,6 +107,34 @@ async fn refused_broker_credentials_stop_the_server_at_start_naming_user_and_vho
         !err.contains("wrong-password-123"),
         "the password is never shown: {err}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_server_on_the_embedded_engines_data_directory_is_refused_naming_it() {
+    init();
+    let pki = TestPki::new();
+    let a = pki.agent("A");
+    let data = tempfile::tempdir().unwrap();
+    let mut cfg = server_config(&pki, &pki.write_centops(&[&a]), "unused");
+    cfg.broker.engine = dmr_server::config::BrokerEngine::Embedded;
+    cfg.broker.embedded_data_dir = data.path().to_owned();
+    let first = dmr_server::Server::bind(cfg.clone())
+        .await
+        .expect("the first server starts");
+    let err = dmr_server::Server::bind(cfg.clone())
+        .await
+        .err()
+        .expect("the second is refused")
+        .to_string();
+    let dir = data.path().display().to_string();
+    assert!(
+        err.contains("EMBEDDED_DATA_DIR") && err.contains(&dir) && err.contains("in use"),
+        "{err}"
+    );
+    drop(first);
+    // Once the first is gone, the directory is free again.
+    let again = dmr_server::Server::bind(cfg).await;
+    assert!(again.is_ok(), "{:?}", again.err().map(|e| e.to_string()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -166,25 +195,15 @@ async fn a_dead_letter_carries_the_last_error() {
     assert_eq!(relay.post_to_b(&m).await.0, 200);
     let dlq = format!("{}.dlq", relay.a.id);
     assert_eq!(relay.probe.wait_queue_len(&dlq, 1, WAIT).await, Some(1));
-    let conn = lapin::Connection::connect(&rabbit_config().uri(), lapin::ConnectionProperties::default())
-        .await
-        .unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    let dead = ch
-        .basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: true })
-        .await
-        .unwrap()
-        .expect("the dead letter");
-    let headers = dead.delivery.properties.headers().clone().unwrap_or_default();
+    // Read back through the broker's own listing (RabbitMQ: basic.get, then returned).
+    let listed = relay.server.core.broker.list(&dlq, 10).await.unwrap();
+    assert_eq!(listed.len(), 1, "the dead letter");
+    let dead = &listed[0];
     let header = |name: &str| {
-        headers
-            .inner()
+        dead.headers
             .get(name)
-            .map(|v| match v {
-                lapin::types::AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
-                other => format!("{other:?}"),
-            })
-            .unwrap_or_else(|| panic!("header {name} missing: {headers:?}"))
+            .cloned()
+            .unwrap_or_else(|| panic!("header {name} missing: {:?}", dead.headers))
     };
     let last_error = header("x-dmr-last-error");
     assert!(
@@ -192,9 +211,10 @@ async fn a_dead_letter_carries_the_last_error() {
         "{last_error}"
     );
     assert!(header("x-dmr-dead-letter-reason").contains("delivery-failed"));
-    let body: serde_json::Value = serde_json::from_slice(&dead.delivery.data).unwrap();
+    let attempts: u32 = header("x-dmr-attempts").parse().expect("x-dmr-attempts is a number");
+    assert!(attempts >= 2, "retried before dead-lettering: {attempts}");
+    let body: serde_json::Value = serde_json::from_slice(&dead.body).unwrap();
     assert_eq!(body["id"], m["id"], "the original envelope");
-    let _ = conn.close(200, "done".into()).await;
     relay.finish().await;
 }
 

@@ -1,7 +1,9 @@
 //! Graceful shutdown, as the README promises it: on SIGTERM the server stops taking new work, but
 //! every send already handed to RabbitMQ is answered (on both transports) before the connection to
 //! the agent and then the broker close. So no sender is told "outcome unknown" (502) or left
-//! without an answer for a message that was in fact queued.
+//! without an answer for a message that was in fact queued. And when a server is killed outright
+//! (SIGKILL), every send it answered "accepted" is delivered once a server is back, on either
+//! broker engine.
 
 #![allow(clippy::unwrap_used)]
 
@@ -11,7 +13,7 @@ use serde_json::Value;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use support::processes::{DmrProcess, free_port};
+use support::processes::{DmrProcess, broker_env, free_port, server_env};
 use support::*;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -179,4 +181,99 @@ async fn a_legacy_agents_sends_in_flight_at_shutdown_are_answered_before_it_is_d
     assert_answers_match_queue(&statuses, &queued);
     legacy.kill().await;
     relay.finish().await;
+}
+
+/// Sends accepted (answered 200) by the server at `http_port` so far, read from its metrics.
+async fn accepted_so_far(http: &reqwest::Client, http_port: u16) -> f64 {
+    let Ok(r) = http.get(format!("http://127.0.0.1:{http_port}/metrics")).send().await else {
+        return 0.0;
+    };
+    let text = r.text().await.unwrap_or_default();
+    text.lines()
+        .find(|l| l.starts_with("dmr_message_processing_duration_seconds_count"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_killed_under_load_loses_no_accepted_message_once_it_is_back() {
+    init();
+    let guard = QueueGuard::new(&rabbit_config());
+    let pki = TestPki::new();
+    let (a, b) = (pki.agent("A (offline until the restart)"), pki.agent("B"));
+    let vf_queue = format!("validation-failures-test-{}", uuid::Uuid::new_v4());
+    guard.track(&vf_queue);
+    guard.track_agent(&a.id);
+    guard.track_agent(&b.id);
+    let centops = pki.write_centops(&[&a, &b]);
+    let (logs, data) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (http_port, grpc_port) = (free_port(), free_port());
+    let mut env = server_env(&pki, &centops, (http_port, grpc_port), &rabbit_config(), &vf_queue);
+    env.extend(broker_env(data.path()));
+    let mut server = DmrProcess::spawn("server", "server", &env, logs.path());
+    let grpc: std::net::SocketAddr = format!("127.0.0.1:{grpc_port}").parse().unwrap();
+    let sink_b = Sink::start().await;
+    let agent_b = start_agent(agent_config(&pki, &b, grpc, &sink_b.url)).await;
+    let deadline = Instant::now() + WAIT;
+    while !agent_b.link.is_connected() {
+        assert!(Instant::now() < deadline, "B never connected:\n{}", server.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let senders = tokio::spawn(send_until(
+        agent_b.url("/v1/messages"),
+        a.id.clone(),
+        10,
+        100_000,
+        stop.clone(),
+    ));
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + WAIT;
+    while accepted_so_far(&http, http_port).await < 150.0 {
+        assert!(Instant::now() < deadline, "traffic never flowed:\n{}", server.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Mid-traffic, no chance to clean up.
+    server.kill().await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let statuses = senders.await.unwrap();
+    let accepted: HashSet<String> = statuses
+        .iter()
+        .filter(|(_, s)| **s == 200)
+        .map(|(id, _)| id.clone())
+        .collect();
+    assert!(accepted.len() >= 150, "accepted before the kill: {}", accepted.len());
+
+    let mut server = DmrProcess::spawn("server-again", "server", &env, logs.path());
+    let sink_a = Sink::start().await;
+    let agent_a = start_agent(agent_config(&pki, &a, grpc, &sink_a.url)).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let missing = loop {
+        let delivered: HashSet<String> = sink_a
+            .messages()
+            .iter()
+            .filter_map(|m| m["id"].as_str().map(str::to_owned))
+            .collect();
+        let missing: Vec<&String> = accepted.difference(&delivered).collect();
+        if missing.is_empty() || Instant::now() > deadline {
+            break missing.len();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        missing,
+        0,
+        "of {} sends accepted before the kill, {missing} never arrived:\n{}",
+        accepted.len(),
+        server.logs()
+    );
+    let ids: Vec<Value> = sink_a.messages().iter().map(|m| m["id"].clone()).collect();
+    let unique: HashSet<&Value> = ids.iter().collect();
+    assert_eq!(unique.len(), ids.len(), "each delivered once");
+    drop(agent_a);
+    drop(agent_b);
+    server.terminate().await;
+    guard.delete_now().await;
 }

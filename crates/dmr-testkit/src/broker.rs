@@ -3,7 +3,7 @@
 //! queues a test created on RabbitMQ — also when the test panics ([`QueueGuard`]).
 
 use crate::KitError;
-use dmr_server::broker::{AgentConsumer, Broker};
+use dmr_server::broker::Broker;
 use dmr_server::config::{BrokerEngine, RabbitConfig};
 use futures::StreamExt as _;
 use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
@@ -160,7 +160,41 @@ pub struct BrokerProbe {
 
 enum Probe {
     Amqp(Box<lapin::Connection>),
-    Embedded(Arc<Broker>),
+    Embedded(Box<EmbeddedProbe>),
+}
+
+/// The embedded engine: the server's own broker while it runs; once it stopped, the store opened
+/// again from its data directory (the lock is free then).
+struct EmbeddedProbe {
+    live: Arc<Broker>,
+    dir: std::path::PathBuf,
+    queues: RabbitConfig,
+    reopened: tokio::sync::Mutex<Option<Arc<Broker>>>,
+}
+
+impl EmbeddedProbe {
+    async fn broker(&self) -> Arc<Broker> {
+        if self.live.is_ready() {
+            return self.live.clone();
+        }
+        let mut reopened = self.reopened.lock().await;
+        if let Some(b) = reopened.as_ref() {
+            return b.clone();
+        }
+        let cfg = dmr_server::config::BrokerConfig {
+            engine: BrokerEngine::Embedded,
+            embedded_data_dir: self.dir.clone(),
+        };
+        let metrics = Arc::new(dmr_server::metrics::Metrics::new());
+        match Broker::new(&cfg, self.queues.clone(), metrics) {
+            Ok(b) => {
+                *reopened = Some(b.clone());
+                b
+            }
+            // Still held (stopping): ask the live one.
+            Err(_) => self.live.clone(),
+        }
+    }
 }
 
 impl BrokerProbe {
@@ -187,7 +221,12 @@ impl BrokerProbe {
         match server.core.broker.engine() {
             BrokerEngine::Rabbitmq => Self::connect_to(server.core.broker.config()).await,
             BrokerEngine::Embedded => Self {
-                inner: Probe::Embedded(server.core.broker.clone()),
+                inner: Probe::Embedded(Box::new(EmbeddedProbe {
+                    live: server.core.broker.clone(),
+                    dir: server.core.cfg.broker.embedded_data_dir.clone(),
+                    queues: server.core.broker.config().clone(),
+                    reopened: tokio::sync::Mutex::new(None),
+                })),
             },
         }
     }
@@ -205,8 +244,8 @@ impl BrokerProbe {
     async fn queue_counts(&self, queue: &str) -> Option<(u32, u32)> {
         let conn = match &self.inner {
             Probe::Amqp(conn) => conn,
-            Probe::Embedded(broker) => {
-                let c = broker.counts(queue).await.ok()?;
+            Probe::Embedded(probe) => {
+                let c = probe.broker().await.counts(queue).await.ok()?;
                 return Some((c.messages, c.consumers));
             }
         };
@@ -258,7 +297,8 @@ impl BrokerProbe {
                 }
                 let _ = ch.close(200, "probe".into()).await;
             }
-            Probe::Embedded(broker) => {
+            Probe::Embedded(probe) => {
+                let broker = probe.broker().await;
                 let Ok(mut consumer) = broker.consume(queue, "probe").await else {
                     return out;
                 };
@@ -293,14 +333,6 @@ impl BrokerProbe {
             .await
             .expect("consume");
         (ch, consumer)
-    }
-
-    /// A consumer of `queue` through the server's broker (the embedded engine only).
-    pub async fn consume_embedded(&self, queue: &str) -> AgentConsumer {
-        let Probe::Embedded(broker) = &self.inner else {
-            panic!("consume_embedded: the embedded engine only");
-        };
-        broker.consume(queue, "probe").await.expect("consume")
     }
 
     /// Deletes queues (missing ones are fine).

@@ -107,6 +107,19 @@ pub fn server_env(
     ]
 }
 
+/// The broker settings of a `dmr server` process on the engine the suite runs on
+/// ([`crate::test_engine`]): nothing for RabbitMQ (the default), `BROKER=embedded` with its data
+/// in `data_dir` for the embedded engine.
+pub fn broker_env(data_dir: &Path) -> Vec<(String, String)> {
+    match crate::test_engine() {
+        dmr_server::config::BrokerEngine::Rabbitmq => Vec::new(),
+        dmr_server::config::BrokerEngine::Embedded => vec![
+            ("BROKER".into(), "embedded".into()),
+            ("EMBEDDED_DATA_DIR".into(), data_dir.display().to_string()),
+        ],
+    }
+}
+
 /// The environment of a `dmr agent` process for `creds` on REST port `port`, connecting to the
 /// gRPC addresses `servers` (comma-separated `https://localhost:<port>` URLs) and posting what it
 /// receives to `endpoint`.

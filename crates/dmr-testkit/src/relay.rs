@@ -105,6 +105,31 @@ impl Relay {
         post(&self.http, &self.agent_b.url("/v1/messages"), body).await
     }
 
+    /// Stops the server (it drains, as on SIGTERM) and returns its configuration.
+    pub async fn stop_server(&mut self) -> ServerConfig {
+        let cfg = self.server.core.cfg.clone();
+        self.server.stop.cancel();
+        while !self.server.task.is_finished() {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        cfg
+    }
+
+    /// Starts a server with `cfg` in place of the stopped one (nothing in memory survives, as with
+    /// a new process); with the embedded engine it opens the same data directory.
+    pub async fn start_server_again(&mut self, cfg: ServerConfig) {
+        let data_dir = self.server.data_dir.take();
+        self.server = start_server(cfg).await;
+        self.server.data_dir = data_dir;
+        self.probe = BrokerProbe::for_server(&self.server).await;
+    }
+
+    /// [`Relay::stop_server`], then [`Relay::start_server_again`] with the same configuration.
+    pub async fn restart_server(&mut self) {
+        let cfg = self.stop_server().await;
+        self.start_server_again(cfg).await;
+    }
+
     /// Queues this relay deletes when it finishes or drops.
     pub fn queues(&self) -> Vec<String> {
         self.guard.queues()

@@ -179,6 +179,29 @@ impl Embedded {
     }
 }
 
+impl Embedded {
+    pub(super) fn list(&self, queue: &str, limit: usize) -> Result<Vec<super::Listed>, BrokerError> {
+        let messages = self.store.list(queue, limit).map_err(store_error("list", queue))?;
+        Ok(messages
+            .into_iter()
+            .map(|m| super::Listed {
+                body: m.body.to_vec(),
+                headers: m
+                    .headers
+                    .into_iter()
+                    .map(|(k, v)| {
+                        let v = match v {
+                            HeaderValue::String(s) => s,
+                            HeaderValue::Int(i) => i.to_string(),
+                        };
+                        (k, v)
+                    })
+                    .collect(),
+            })
+            .collect())
+    }
+}
+
 /// A publish to a queue that does not exist is "unroutable", as RabbitMQ returns it.
 fn publish_error(queue: &str, e: StoreError) -> BrokerError {
     match e {

@@ -345,6 +345,16 @@ impl Broker {
         }
     }
 
+    /// Up to `limit` messages ready in `queue`, oldest first, with their headers, left in the
+    /// queue (RabbitMQ: taken unacknowledged on a channel of their own, then returned to the queue
+    /// by closing it, which marks them redelivered). For operators and tests.
+    pub async fn list(&self, queue: &str, limit: usize) -> Result<Vec<Listed>, BrokerError> {
+        match &self.engine {
+            Engine::RabbitMq(r) => r.list(queue, limit).await,
+            Engine::Embedded(e) => e.list(queue, limit),
+        }
+    }
+
     /// Moves `taken`, taken from `<agent-id>`'s queue, to `<agent-id>.dlq` with the number of
     /// attempts and the last error (`x-dmr-attempts`, `x-dmr-last-error`); it leaves the queue only
     /// once it is in the DLQ.
@@ -379,6 +389,15 @@ impl Broker {
             Settle::Embedded(acker, seq) => embedded::dead_letter(acker, *seq, dlq, attempts, last_error).await,
         }
     }
+}
+
+/// A message listed by [`Broker::list`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    /// The message as published.
+    pub body: Vec<u8>,
+    /// Its headers (strings and integers as text; others in their debug form).
+    pub headers: std::collections::BTreeMap<String, String>,
 }
 
 /// A consumer of one agent queue, whichever the engine.

@@ -1,12 +1,55 @@
 //! Confirmed publishing: "accepted" means RabbitMQ confirmed the message and did not return it.
 
 use super::RabbitMq;
+use crate::broker::Listed;
 use crate::broker::{BrokerError, Rejection};
-use lapin::options::BasicPublishOptions;
+use lapin::options::{BasicGetOptions, BasicPublishOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Confirmation};
 
 impl RabbitMq {
+    /// Up to `limit` ready messages of `queue`, taken unacknowledged on a channel of their own and
+    /// returned to the queue by closing it.
+    pub async fn list(&self, queue: &str, limit: usize) -> Result<Vec<Listed>, BrokerError> {
+        let link = self.link().await?;
+        let amqp = |source| BrokerError::Amqp {
+            operation: "list",
+            queue: queue.to_owned(),
+            source,
+        };
+        let channel = link.conn.create_channel().await.map_err(amqp)?;
+        let mut out = Vec::new();
+        let mut failed = None;
+        while out.len() < limit {
+            match channel.basic_get(queue.into(), BasicGetOptions { no_ack: false }).await {
+                Ok(Some(m)) => {
+                    let headers = m
+                        .delivery
+                        .properties
+                        .headers()
+                        .as_ref()
+                        .map(|h| h.inner().iter().map(|(k, v)| (k.to_string(), text(v))).collect())
+                        .unwrap_or_default();
+                    out.push(Listed {
+                        body: m.delivery.data,
+                        headers,
+                    });
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        // Closing the channel returns every message taken to the queue.
+        let _ = channel.close(200, "listed".into()).await;
+        match failed {
+            Some(e) => Err(amqp(e)),
+            None => Ok(out),
+        }
+    }
+
     /// Publishes `body` persistently to `queue` and waits for the broker's confirm.
     pub async fn publish(&self, queue: &str, body: &[u8]) -> Result<(), BrokerError> {
         self.start_publish(queue, body).await?.await
@@ -91,5 +134,19 @@ impl RabbitMq {
             };
             Err(BrokerError::NotAccepted { queue: q, rejection })
         })
+    }
+}
+
+/// A header value as text (strings as they are, numbers in decimal, others in their debug form).
+fn text(v: &AMQPValue) -> String {
+    match v {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.to_string(),
+        AMQPValue::LongUInt(n) => n.to_string(),
+        AMQPValue::LongInt(n) => n.to_string(),
+        AMQPValue::LongLongInt(n) => n.to_string(),
+        AMQPValue::ShortUInt(n) => n.to_string(),
+        AMQPValue::ShortInt(n) => n.to_string(),
+        other => format!("{other:?}"),
     }
 }
