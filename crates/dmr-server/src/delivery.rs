@@ -145,17 +145,21 @@ pub(crate) async fn run<T: Transport>(d: Deliveries<T>) {
                 c
             }
             Err(e) => {
-                // Typically the queue is missing or the broker is reconnecting: say so once, then
-                // quietly retry.
-                if refusals == 0 {
+                refusals = refusals.saturating_add(1);
+                if e.is_queue_missing() {
+                    // Not declared yet (the session came before the start-up declarations) or
+                    // deleted by hand: declare it; the first time, consume again at once.
+                    let declared = core.broker.declare_agent(agent_id).await.is_ok();
+                    if declared && refusals == 1 {
+                        tracing::info!(agent_id, "the agent's queue did not exist; declared it");
+                        continue;
+                    }
+                }
+                // Typically the broker is reconnecting: say so once, then quietly retry.
+                if refusals <= 2 {
                     tracing::warn!(agent_id, error = %e, "cannot consume the agent's queue yet; retrying");
                 } else {
                     tracing::debug!(agent_id, error = %e, "still cannot consume the agent's queue; retrying");
-                }
-                refusals = refusals.saturating_add(1);
-                if e.is_queue_missing() {
-                    // Deleted by hand, say: declare it before retrying.
-                    let _ = core.broker.declare_agent(agent_id).await;
                 }
                 tokio::select! {
                     () = d.abort.cancelled() => break,
