@@ -4,7 +4,7 @@
 //! scenario-level wrappers.
 
 use dmr_pki::AgentCredentials;
-use dmr_server::config::{RabbitConfig, ServerConfig};
+use dmr_server::config::{BrokerEngine, RabbitConfig, ServerConfig};
 use dmr_testkit::TestPki;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -31,6 +31,11 @@ pub fn runtime(name: &str) -> anyhow::Result<tokio::runtime::Runtime> {
 pub fn server_config(pki: &TestPki, centops: &Path, rabbit: &RabbitConfig) -> ServerConfig {
     let vf = format!("validation-failures-bench-{}", uuid::Uuid::new_v4());
     let mut cfg = dmr_testkit::base_server_config(pki, centops, rabbit, &vf);
+    cfg.broker.engine = engine();
+    if cfg.broker.engine == BrokerEngine::Embedded {
+        // A fresh data directory per server, removed when it stops (`ServerHandle::stop`).
+        cfg.broker.embedded_data_dir = std::env::temp_dir().join(format!("dmr-bench-{}", uuid::Uuid::new_v4()));
+    }
     let var = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
     if let Some(v) = var("MESSAGE_DELIVERY_WINDOW").and_then(|v| u16::try_from(v).ok()) {
         cfg.message_delivery_window = v.max(1);
@@ -42,6 +47,18 @@ pub fn server_config(pki: &TestPki, centops: &Path, rabbit: &RabbitConfig) -> Se
         cfg.message_queue_hold_depth = v.max(1);
     }
     cfg
+}
+
+static ENGINE: std::sync::Mutex<BrokerEngine> = std::sync::Mutex::new(BrokerEngine::Rabbitmq);
+
+/// The broker engine the next scenarios' servers run on (`--engines`).
+pub fn set_engine(engine: BrokerEngine) {
+    *ENGINE.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = engine;
+}
+
+/// The broker engine servers are configured with now.
+pub fn engine() -> BrokerEngine {
+    *ENGINE.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The CentOps file listing `agents`.
@@ -112,10 +129,14 @@ impl ServerHandle {
         self.core.cfg.rabbitmq.validation_failures_queue.clone()
     }
 
-    /// Shuts the server down and drops its runtime.
+    /// Shuts the server down and drops its runtime (and the embedded engine's data directory).
     pub async fn stop(self) {
         self.stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(15), self.task).await;
         self.rt.shutdown_background();
+        let broker = &self.core.cfg.broker;
+        if broker.engine == BrokerEngine::Embedded {
+            let _ = std::fs::remove_dir_all(&broker.embedded_data_dir);
+        }
     }
 }

@@ -55,6 +55,11 @@ struct Args {
     /// Repeat the selected scenarios this many times and report the median and min–max.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     runs: u32,
+    /// The broker engines the server scenarios (relay, e2e, pair) run on, each in turn in every run:
+    /// `rabbitmq`, `embedded` or both (`rabbitmq,embedded`); their rows are labelled `[engine]` when
+    /// more than one. The ceilings are measured once per run (RabbitMQ's and RSA's).
+    #[arg(long, value_delimiter = ',', value_enum, default_value = "rabbitmq")]
+    engines: Vec<dmr_server::config::BrokerEngine>,
     /// Where generated agent keys are kept between runs (default: bench-keys beside the target dir).
     #[arg(long)]
     key_cache: Option<PathBuf>,
@@ -208,8 +213,31 @@ async fn run(args: Args) -> anyhow::Result<()> {
         if args.runs > 1 {
             println!("\n=== run {i} of {} ===", args.runs);
         }
-        measure::print_header();
-        let out = run_once(&args, &rabbit, &cache, broker_pid).await?;
+        let mut out: Option<RunOutput> = None;
+        for (n, &engine) in args.engines.iter().enumerate() {
+            fixture::set_engine(engine);
+            if args.engines.len() > 1 {
+                println!("\n--- broker engine: {} ---", engine.as_str());
+            }
+            measure::print_header();
+            let mut this = run_once(&args, &rabbit, &cache, broker_pid, n == 0).await?;
+            if args.engines.len() > 1 {
+                for row in &mut this.rows {
+                    row.scenario = format!("{} [{}]", row.scenario, engine.as_str());
+                }
+            }
+            out = Some(match out {
+                None => this,
+                Some(mut first) => {
+                    first.rows.append(&mut this.rows);
+                    first.targets.append(&mut this.targets);
+                    first
+                }
+            });
+        }
+        let Some(out) = out else {
+            anyhow::bail!("--engines: name at least one engine");
+        };
         println!("\ntargets (docs/compat.md, performance appendix):");
         for t in &out.targets {
             println!(
@@ -275,16 +303,19 @@ async fn run_once(
     rabbit: &dmr_server::config::RabbitConfig,
     cache: &std::path::Path,
     broker_pid: Option<u32>,
+    with_ceilings: bool,
 ) -> anyhow::Result<RunOutput> {
     let quick = args.quick;
     let wants = |s: &str| args.only.is_empty() || args.only.iter().any(|o| o == s);
+    // The ceilings are the machine's (RabbitMQ's, RSA's): measured with the first engine only.
+    let wants_ceiling = |s: &str| with_ceilings && wants(s);
     let mut rows: Vec<Row> = Vec::new();
     let pair_counts: Vec<usize> = if quick { vec![1, 4] } else { vec![1, 4, 16] };
 
     // Ceilings.
     let mut broker_ceilings: Vec<(usize, f64)> = Vec::new();
     let mut broker_1q: Option<Row> = None;
-    if wants("broker") || wants("relay") {
+    if wants_ceiling("broker") || (with_ceilings && wants("relay")) {
         let n = if quick { 3_000 } else { 40_000 };
         for &q in &pair_counts {
             let row = ceilings::broker(
@@ -324,7 +355,7 @@ async fn run_once(
     }
     let mut crypto_ceiling = f64::NAN;
     let mut combined = None;
-    if wants("crypto") || wants("e2e") {
+    if wants_ceiling("crypto") || (with_ceilings && wants("e2e")) {
         let c = ceilings::crypto(if quick { 0.3 } else { 2.0 })?;
         crypto_ceiling = c.ceiling();
         let op = |name: &str, threads: usize, ops: ceilings::OpRate, note: &str| Row {
