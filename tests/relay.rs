@@ -359,6 +359,40 @@ async fn message_for_an_offline_recipient_waits_in_its_queue_and_arrives_when_it
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_waits_past_the_queue_ttl_moves_to_the_dead_letter_queue() {
+    let mut relay = Relay::start_with(|cfg| cfg.rabbitmq.ttl_ms = 1000).await;
+    relay.agent_a.shutdown().await;
+    assert!(
+        eventually(WAIT, || !relay.server.core.sessions.connected().contains(&relay.a.id)).await,
+        "the server saw A leave"
+    );
+    let message = seed_message(&relay.a.id);
+    assert_eq!(relay.post_to_b(&message).await.0, 200);
+    let dlq = format!("{}.dlq", relay.a.id);
+    assert_eq!(
+        relay.probe.wait_queue_len(&dlq, 1, WAIT).await,
+        Some(1),
+        "expired into A's dead-letter queue"
+    );
+    assert_eq!(
+        relay.probe.queue_len(&relay.a.id).await,
+        Some(0),
+        "and out of A's queue"
+    );
+    let dead = relay.probe.drain(&dlq).await;
+    assert_eq!(dead[0]["id"], message["id"], "the envelope as it was queued");
+    // A comes back: nothing is delivered (the message expired).
+    relay.agent_a = start_agent(agent_config(&relay.pki, &relay.a, relay.server.grpc, &relay.sink_a.url)).await;
+    relay.agent_a.wait_connected().await;
+    let later = seed_message(&relay.a.id);
+    assert_eq!(relay.post_to_b(&later).await.0, 200);
+    let got = relay.sink_a.wait_for(1, WAIT).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0]["id"], later["id"], "only the later message arrives");
+    relay.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_session_waits_until_another_instance_lets_go_of_the_queue() {
     use futures::StreamExt as _;
     let mut relay = Relay::start().await;
