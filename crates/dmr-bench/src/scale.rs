@@ -152,14 +152,31 @@ async fn wait_active(http: &reqwest::Client, port: u16, want: usize, timeout: Du
     (false, started.elapsed())
 }
 
-/// How many of a sample of the agents' queues have a consumer (each open session should).
+/// How many of a sample of the agents' queues have a consumer (each open session should). With
+/// the embedded engine (`BROKER=embedded` in this process's environment, which the server inherits)
+/// the queues live in the server: a session is counted as consuming once its delivery loop reported
+/// its queue (`dmr_agent_queue_messages{agent_id}` on the server's `/metrics`).
 async fn consumers_attached(
     uri: &str,
     agents: &[dmr_pki::AgentCredentials],
     sample: usize,
+    http_port: u16,
 ) -> anyhow::Result<(usize, usize)> {
-    let conn = lapin::Connection::connect(uri, lapin::ConnectionProperties::default()).await?;
     let step = (agents.len() / sample.max(1)).max(1);
+    if std::env::var("BROKER").as_deref() == Ok("embedded") {
+        let metrics = reqwest::get(format!("http://127.0.0.1:{http_port}/metrics"))
+            .await?
+            .text()
+            .await?;
+        let (mut checked, mut attached) = (0, 0);
+        for a in agents.iter().step_by(step) {
+            let series = format!("dmr_agent_queue_messages{{agent_id=\"{}\"}}", a.id);
+            attached += usize::from(metrics.lines().any(|l| l.starts_with(&series)));
+            checked += 1;
+        }
+        return Ok((checked, attached));
+    }
+    let conn = lapin::Connection::connect(uri, lapin::ConnectionProperties::default()).await?;
     let (mut checked, mut attached) = (0, 0);
     for a in agents.iter().step_by(step) {
         let ch = conn.create_channel().await?;
@@ -293,7 +310,7 @@ async fn measure(
     let idle_window = settle.max(Duration::from_secs(2));
     tokio::time::sleep(idle_window).await;
     let idle_cpu = (process_cpu_seconds(child.pid) - idle_cpu0) / idle_window.as_secs_f64();
-    let (checked, attached) = consumers_attached(uri, agents, 100).await?;
+    let (checked, attached) = consumers_attached(uri, agents, 100, child.http).await?;
     eprintln!(
         "scale: {connected}/{n} sessions in {:.1} s, server RSS {:.0} → {:.0} MiB ({per_stream:.1} KiB/stream), {attached}/{checked} sampled queues have a consumer",
         connect_time.as_secs_f64(),
@@ -358,7 +375,7 @@ async fn measure(
     let (server_saw_all, server_extra) = wait_active(&http, child.http, reconnected, Duration::from_secs(60)).await;
     let storm_cpu = process_cpu_seconds(child.pid) - cpu1;
     tokio::time::sleep(settle).await;
-    let (checked2, attached2) = consumers_attached(uri, agents, 100).await?;
+    let (checked2, attached2) = consumers_attached(uri, agents, 100, child.http).await?;
     let storm_secs = storm_time.as_secs_f64()
         + if server_saw_all {
             server_extra.as_secs_f64()
