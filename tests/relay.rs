@@ -337,11 +337,7 @@ async fn failing_endpoint_causes_bounded_retries_then_dlq_and_recovery_lets_late
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn message_for_an_offline_recipient_waits_in_its_queue_and_arrives_when_it_connects() {
     let mut relay = Relay::start().await;
-    relay.agent_a.shutdown().await;
-    assert!(
-        eventually(WAIT, || !relay.server.core.sessions.connected().contains(&relay.a.id)).await,
-        "the server saw A leave"
-    );
+    relay.take_a_offline().await;
     let message = seed_message(&relay.a.id);
     assert_eq!(relay.post_to_b(&message).await.0, 200);
     assert_eq!(
@@ -351,7 +347,7 @@ async fn message_for_an_offline_recipient_waits_in_its_queue_and_arrives_when_it
     );
     assert!(relay.sink_a.messages().is_empty());
 
-    relay.agent_a = start_agent(agent_config(&relay.pki, &relay.a, relay.server.grpc, &relay.sink_a.url)).await;
+    relay.bring_a_back().await;
     let got = relay.sink_a.wait_for(1, WAIT).await;
     assert_eq!(got.len(), 1);
     assert_eq!(got[0]["id"], message["id"]);
@@ -361,11 +357,7 @@ async fn message_for_an_offline_recipient_waits_in_its_queue_and_arrives_when_it
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_that_waits_past_the_queue_ttl_moves_to_the_dead_letter_queue() {
     let mut relay = Relay::start_with(|cfg| cfg.rabbitmq.ttl_ms = 1000).await;
-    relay.agent_a.shutdown().await;
-    assert!(
-        eventually(WAIT, || !relay.server.core.sessions.connected().contains(&relay.a.id)).await,
-        "the server saw A leave"
-    );
+    relay.take_a_offline().await;
     let message = seed_message(&relay.a.id);
     assert_eq!(relay.post_to_b(&message).await.0, 200);
     let dlq = format!("{}.dlq", relay.a.id);
@@ -382,8 +374,7 @@ async fn a_message_that_waits_past_the_queue_ttl_moves_to_the_dead_letter_queue(
     let dead = relay.probe.drain(&dlq).await;
     assert_eq!(dead[0]["id"], message["id"], "the envelope as it was queued");
     // A comes back: nothing is delivered (the message expired).
-    relay.agent_a = start_agent(agent_config(&relay.pki, &relay.a, relay.server.grpc, &relay.sink_a.url)).await;
-    relay.agent_a.wait_connected().await;
+    relay.bring_a_back().await;
     let later = seed_message(&relay.a.id);
     assert_eq!(relay.post_to_b(&later).await.0, 200);
     let got = relay.sink_a.wait_for(1, WAIT).await;
@@ -407,8 +398,7 @@ async fn a_new_session_waits_until_another_instance_lets_go_of_the_queue() {
     }
     // Another instance still consumes A's queue (quorum queues do not enforce exclusive consumers).
     let (old_channel, mut old_consumer) = relay.probe.hold_consumer(&relay.a.id).await;
-    relay.agent_a = start_agent(agent_config(&relay.pki, &relay.a, relay.server.grpc, &relay.sink_a.url)).await;
-    relay.agent_a.wait_connected().await;
+    relay.bring_a_back().await;
     // A negative check (the new session must NOT start consuming while the old consumer holds
     // the queue): nothing to poll for, so give it the time it would take to attach.
     tokio::time::sleep(Duration::from_millis(1000)).await;
@@ -464,11 +454,7 @@ async fn deliveries_in_flight_keep_queue_order_when_the_endpoint_refuses_one_in_
     // refused once each. The endpoint must still see every message in queue order: the refused one
     // again right after its refusal, nothing from behind it before.
     let mut relay = Relay::start_with(|cfg| cfg.message_delivery_retry_delay_ms = 50).await;
-    relay.agent_a.shutdown().await;
-    assert!(
-        eventually(WAIT, || !relay.server.core.sessions.connected().contains(&relay.a.id)).await,
-        "the server saw A leave"
-    );
+    relay.take_a_offline().await;
     let mut sent = Vec::new();
     for i in 0..120 {
         let mut m = seed_message(&relay.a.id);
@@ -481,7 +467,7 @@ async fn deliveries_in_flight_keep_queue_order_when_the_endpoint_refuses_one_in_
     for id in &refused {
         relay.sink_a.refuse_once(id);
     }
-    relay.agent_a = start_agent(agent_config(&relay.pki, &relay.a, relay.server.grpc, &relay.sink_a.url)).await;
+    relay.bring_a_back().await;
     let got = relay.sink_a.wait_for(sent.len(), Duration::from_secs(60)).await;
     assert_eq!(got.len(), sent.len(), "every message arrived");
     let delivered: Vec<String> = got.iter().map(|m| m["id"].as_str().unwrap().to_owned()).collect();

@@ -102,14 +102,7 @@ async fn sigterm_under_load_answers_every_queued_send_and_never_says_outcome_unk
     env.push(("SHUTDOWN_TIMEOUT_MS".into(), "10000".into()));
     let mut server = DmrProcess::spawn("server", "server", &env, logs.path());
     let sink = Sink::start().await;
-    let grpc: std::net::SocketAddr = format!("127.0.0.1:{grpc_port}").parse().unwrap();
-    let agent_b = start_agent(agent_config(&pki, &b, grpc, &sink.url)).await;
-    let deadline = Instant::now() + WAIT;
-    while !agent_b.link.is_connected() {
-        assert!(Instant::now() < deadline, "B never connected:\n{}", server.logs());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-
+    let agent_b = connected_agent(&server, &pki, &b, grpc_port, &sink.url).await;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let senders = tokio::spawn(send_until(
         agent_b.url("/v1/messages"),
@@ -183,6 +176,29 @@ async fn a_legacy_agents_sends_in_flight_at_shutdown_are_answered_before_it_is_d
     relay.finish().await;
 }
 
+/// An in-process agent for `creds` on the server process listening on `grpc_port`, once connected.
+async fn connected_agent(
+    server: &DmrProcess,
+    pki: &TestPki,
+    creds: &dmr_pki::AgentCredentials,
+    grpc_port: u16,
+    sink_url: &str,
+) -> RunningAgent {
+    let grpc: std::net::SocketAddr = format!("127.0.0.1:{grpc_port}").parse().unwrap();
+    let agent = start_agent(agent_config(pki, creds, grpc, sink_url)).await;
+    let deadline = Instant::now() + WAIT;
+    while !agent.link.is_connected() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never connected:\n{}",
+            creds.id,
+            server.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    agent
+}
+
 /// Sends accepted (answered 200) by the server at `http_port` so far, read from its metrics.
 async fn accepted_so_far(http: &reqwest::Client, http_port: u16) -> f64 {
     let Ok(r) = http.get(format!("http://127.0.0.1:{http_port}/metrics")).send().await else {
@@ -212,14 +228,8 @@ async fn a_server_killed_under_load_loses_no_accepted_message_once_it_is_back() 
     let mut env = server_env(&pki, &centops, (http_port, grpc_port), &rabbit_config(), &vf_queue);
     env.extend(broker_env(data.path()));
     let mut server = DmrProcess::spawn("server", "server", &env, logs.path());
-    let grpc: std::net::SocketAddr = format!("127.0.0.1:{grpc_port}").parse().unwrap();
     let sink_b = Sink::start().await;
-    let agent_b = start_agent(agent_config(&pki, &b, grpc, &sink_b.url)).await;
-    let deadline = Instant::now() + WAIT;
-    while !agent_b.link.is_connected() {
-        assert!(Instant::now() < deadline, "B never connected:\n{}", server.logs());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let agent_b = connected_agent(&server, &pki, &b, grpc_port, &sink_b.url).await;
 
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let senders = tokio::spawn(send_until(
@@ -248,6 +258,7 @@ async fn a_server_killed_under_load_loses_no_accepted_message_once_it_is_back() 
 
     let mut server = DmrProcess::spawn("server-again", "server", &env, logs.path());
     let sink_a = Sink::start().await;
+    let grpc: std::net::SocketAddr = format!("127.0.0.1:{grpc_port}").parse().unwrap();
     let agent_a = start_agent(agent_config(&pki, &a, grpc, &sink_a.url)).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     let missing = loop {

@@ -161,6 +161,13 @@ struct RunOutput {
     targets: Vec<Target>,
 }
 
+/// The machine's ceilings measured by the first engine's pass of a run, reused by the others.
+struct Ceilings {
+    broker: Vec<(usize, f64)>,
+    crypto: f64,
+    combined: Option<ceilings::Combined>,
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
     let started = Instant::now();
     if let Some(unknown) = args.only.iter().find(|o| !SCENARIOS.contains(&o.as_str())) {
@@ -214,13 +221,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
             println!("\n=== run {i} of {} ===", args.runs);
         }
         let mut out: Option<RunOutput> = None;
+        let mut carried: Option<Ceilings> = None;
         for (n, &engine) in args.engines.iter().enumerate() {
             fixture::set_engine(engine);
             if args.engines.len() > 1 {
                 println!("\n--- broker engine: {} ---", engine.as_str());
             }
             measure::print_header();
-            let mut this = run_once(&args, &rabbit, &cache, broker_pid, n == 0).await?;
+            let mut this = run_once(&args, &rabbit, &cache, broker_pid, carried.as_ref()).await?;
+            if n == 0 {
+                carried = Some(Ceilings {
+                    broker: this.broker_ceilings.clone(),
+                    crypto: this.crypto_ceiling,
+                    combined: this.combined,
+                });
+            }
             if args.engines.len() > 1 {
                 for row in &mut this.rows {
                     row.scenario = format!("{} [{}]", row.scenario, engine.as_str());
@@ -303,8 +318,9 @@ async fn run_once(
     rabbit: &dmr_server::config::RabbitConfig,
     cache: &std::path::Path,
     broker_pid: Option<u32>,
-    with_ceilings: bool,
+    carried: Option<&Ceilings>,
 ) -> anyhow::Result<RunOutput> {
+    let with_ceilings = carried.is_none();
     let quick = args.quick;
     let wants = |s: &str| args.only.is_empty() || args.only.iter().any(|o| o == s);
     // The ceilings are the machine's (RabbitMQ's, RSA's): measured with the first engine only.
@@ -313,7 +329,7 @@ async fn run_once(
     let pair_counts: Vec<usize> = if quick { vec![1, 4] } else { vec![1, 4, 16] };
 
     // Ceilings.
-    let mut broker_ceilings: Vec<(usize, f64)> = Vec::new();
+    let mut broker_ceilings: Vec<(usize, f64)> = carried.map(|c| c.broker.clone()).unwrap_or_default();
     let mut broker_1q: Option<Row> = None;
     if wants_ceiling("broker") || (with_ceilings && wants("relay")) {
         let n = if quick { 3_000 } else { 40_000 };
@@ -353,8 +369,8 @@ async fn run_once(
         row.print();
         rows.push(row);
     }
-    let mut crypto_ceiling = f64::NAN;
-    let mut combined = None;
+    let mut crypto_ceiling = carried.map_or(f64::NAN, |c| c.crypto);
+    let mut combined = carried.and_then(|c| c.combined);
     if wants_ceiling("crypto") || (with_ceilings && wants("e2e")) {
         let c = ceilings::crypto(if quick { 0.3 } else { 2.0 })?;
         crypto_ceiling = c.ceiling();

@@ -21,8 +21,12 @@ use std::time::{Duration, Instant};
 
 /// How long a read depth is reused before the broker is asked again.
 const FRESH_FOR: Duration = Duration::from_millis(500);
-/// How long a read depth is reused while sends are held (they wait for it to fall).
+/// How long a read depth is reused while sends are held (they wait for it to fall), at most.
 const HOLD_FRESH_FOR: Duration = Duration::from_millis(20);
+/// The first pause of a hold, doubled up to [`HOLD_FRESH_FOR`]: a message published a moment ago
+/// is often still "ready" only until the recipient's consumer takes it (the embedded engine shows
+/// it at once), which must not cost a full pause.
+const HOLD_FIRST_PAUSE: Duration = Duration::from_millis(1);
 /// What a refused sender is told to wait.
 pub(crate) const RETRY_AFTER: Duration = Duration::from_secs(5);
 
@@ -54,8 +58,9 @@ impl BacklogCap {
             return Duration::ZERO;
         }
         let mut held = false;
+        let mut pause = HOLD_FIRST_PAUSE;
         loop {
-            let Some(counts) = self.counts(core, recipient, HOLD_FRESH_FOR).await else {
+            let Some(counts) = self.counts(core, recipient, pause).await else {
                 break;
             };
             if counts.consumers == 0 || counts.messages < core.cfg.message_queue_hold_depth {
@@ -66,7 +71,8 @@ impl BacklogCap {
                 break;
             }
             held = true;
-            tokio::time::sleep(HOLD_FRESH_FOR.min(left)).await;
+            tokio::time::sleep(pause.min(left)).await;
+            pause = (pause * 2).min(HOLD_FRESH_FOR);
         }
         if held { started.elapsed() } else { Duration::ZERO }
     }

@@ -105,6 +105,22 @@ impl Relay {
         post(&self.http, &self.agent_b.url("/v1/messages"), body).await
     }
 
+    /// Stops agent A and waits until the server saw it leave (its messages then wait in its queue).
+    pub async fn take_a_offline(&mut self) {
+        self.agent_a.shutdown().await;
+        let gone = crate::eventually(std::time::Duration::from_secs(20), || {
+            !self.server.core.sessions.connected().contains(&self.a.id)
+        })
+        .await;
+        assert!(gone, "the server saw A leave");
+    }
+
+    /// Starts agent A again (on the same sink) after [`Relay::take_a_offline`].
+    pub async fn bring_a_back(&mut self) {
+        self.agent_a = start_agent(agent_config(&self.pki, &self.a, self.server.grpc, &self.sink_a.url)).await;
+        self.agent_a.wait_connected().await;
+    }
+
     /// Stops the server (it drains, as on SIGTERM) and returns its configuration.
     pub async fn stop_server(&mut self) -> ServerConfig {
         let cfg = self.server.core.cfg.clone();

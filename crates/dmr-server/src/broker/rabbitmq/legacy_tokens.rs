@@ -6,13 +6,9 @@
 //! it takes the message without acking and closes the channel, which puts it back.
 
 use super::RabbitMq;
-use crate::broker::{BrokerError, TokenRecord};
+use crate::broker::{BrokerError, TokenRecord, legacy_token_queue};
 use lapin::options::{BasicGetOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
-
-fn queue_name(agent_id: &str) -> String {
-    format!("dmr.legacy-token.{agent_id}")
-}
 
 impl RabbitMq {
     async fn declare_token_queue(channel: &lapin::Channel, queue: &str, ttl_ms: u64) -> Result<(), lapin::Error> {
@@ -34,7 +30,7 @@ impl RabbitMq {
         record: &TokenRecord,
         ttl_ms: u64,
     ) -> Result<(), BrokerError> {
-        let queue = queue_name(agent_id);
+        let queue = legacy_token_queue(agent_id);
         let link = self.link().await?;
         let amqp = |source| BrokerError::Amqp {
             operation: "declare legacy token queue",
@@ -51,7 +47,7 @@ impl RabbitMq {
 
     /// The agent's last authenticated legacy token, if remembered.
     pub async fn last_legacy_token(&self, agent_id: &str, ttl_ms: u64) -> Result<Option<TokenRecord>, BrokerError> {
-        let queue = queue_name(agent_id);
+        let queue = legacy_token_queue(agent_id);
         let link = self.link().await?;
         let amqp = |source| BrokerError::Amqp {
             operation: "read legacy token",
