@@ -288,7 +288,7 @@ async fn measure(
             .ok_or_else(|| anyhow::anyhow!("no process listens on the server's gRPC port"))?;
     }
     eprintln!(
-        "scale: server ready after {ready_secs:.1} s ({} quorum queues declared)",
+        "scale: server ready after {ready_secs:.1} s ({} queues declared)",
         2 * n
     );
     let pid = child.pid.to_string();
