@@ -68,11 +68,11 @@ impl Embedded {
             dead_letter_to: None,
             max_length: None,
         };
-        if let Err(e) = self.store.declare(queue, args) {
+        if let Err(e) = self.declare(queue, args).await {
             tracing::error!(queue, error = %e, "embedded broker: cannot declare the validation-failures queue");
         }
         for id in topology() {
-            if let Err(e) = self.declare_agent(&id) {
+            if let Err(e) = self.declare_agent(&id).await {
                 tracing::error!(agent_id = %id, error = %e, "cannot declare agent queues");
             }
         }
@@ -82,26 +82,31 @@ impl Embedded {
         self.store.close();
     }
 
+    /// Declares `queue` on the blocking pool: declaring a new queue waits for its commit (an fsync),
+    /// which must not stall a runtime worker (thousands of them at start-up).
+    async fn declare(&self, queue: &str, args: QueueArgs) -> Result<(), BrokerError> {
+        let (store, name) = (self.store.clone(), queue.to_owned());
+        let declared = tokio::task::spawn_blocking(move || store.declare(&name, args))
+            .await
+            .unwrap_or(Err(StoreError::Closed));
+        declared.map_err(store_error("declare", queue))
+    }
+
     /// Declares `<id>.dlq` and `<id>` with the original's arguments.
-    pub(super) fn declare_agent(&self, agent_id: &str) -> Result<(), BrokerError> {
+    pub(super) async fn declare_agent(&self, agent_id: &str) -> Result<(), BrokerError> {
         let dlq = format!("{agent_id}.dlq");
         let dlq_args = QueueArgs {
             ttl_ms: Some(u64::from(self.cfg.dlq_ttl_ms)),
             dead_letter_to: None,
             max_length: None,
         };
-        self.store
-            .declare(&dlq, dlq_args)
-            .map_err(store_error("declare", &dlq))?;
+        self.declare(&dlq, dlq_args).await?;
         let args = QueueArgs {
             ttl_ms: Some(u64::from(self.cfg.ttl_ms)),
             dead_letter_to: Some(dlq),
             max_length: None,
         };
-        let declared = self
-            .store
-            .declare(agent_id, args)
-            .map_err(store_error("declare", agent_id));
+        let declared = self.declare(agent_id, args).await;
         if let Err(e) = &declared
             && e.is_precondition_failed()
         {
@@ -162,9 +167,7 @@ impl Embedded {
             dead_letter_to: None,
             max_length: Some(1),
         };
-        self.store
-            .declare(&queue, args)
-            .map_err(store_error("declare", &queue))?;
+        self.declare(&queue, args).await?;
         let body = serde_json::to_vec(record).unwrap_or_default();
         self.start_publish(&queue, &body)?.await
     }

@@ -288,7 +288,7 @@ impl Broker {
     pub async fn declare_agent(&self, agent_id: &str) -> Result<(), BrokerError> {
         match &self.engine {
             Engine::RabbitMq(r) => r.declare_agent(agent_id).await,
-            Engine::Embedded(e) => e.declare_agent(agent_id),
+            Engine::Embedded(e) => e.declare_agent(agent_id).await,
         }
     }
 
