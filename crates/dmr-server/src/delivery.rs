@@ -21,7 +21,7 @@
 //!   session (server shutdown) first waits for the answers to the deliveries in flight.
 
 use crate::Core;
-use crate::broker::{AgentConsumer, Taken};
+use crate::broker::{AgentConsumer, Taken, dlq_name};
 use crate::router;
 use crate::session::{Gone, Transport};
 use backon::BackoffBuilder as _;
@@ -483,7 +483,7 @@ async fn sample_backlog(core: &Core, consumer: &AgentConsumer, agent_id: &str) -
         return false;
     };
     record_backlog(core, agent_id, counts.messages);
-    if let Ok(dlq) = core.broker.counts(&format!("{agent_id}.dlq")).await {
+    if let Ok(dlq) = core.broker.counts(&dlq_name(agent_id)).await {
         core.metrics
             .agent_dlq_messages
             .with_label_values(&[agent_id])
@@ -675,7 +675,7 @@ async fn dead_letter(core: &Core, agent_id: &str, message: &Queued, attempts: u3
     let envelope = &message.envelope;
     tracing::error!(agent_id, message_id = %envelope.id, attempts, last_error, "delivery attempts exhausted; dead-lettering to {agent_id}.dlq");
     core.metrics.dead_lettered.inc();
-    let dlq = format!("{agent_id}.dlq");
+    let dlq = dlq_name(agent_id);
     if let Err(e) = core
         .broker
         .dead_letter(&message.taken, &dlq, attempts, last_error)

@@ -335,10 +335,10 @@ impl BrokerProbe {
         (ch, consumer)
     }
 
-    /// Deletes queues (missing ones are fine).
+    /// Deletes queues (missing ones are fine; RabbitMQ only).
     pub async fn delete(&self, queues: &[String]) {
         let Probe::Amqp(conn) = &self.inner else {
-            return;
+            panic!("deleting a queue by hand stands for an operator's RabbitMQ action: RabbitMQ only");
         };
         for q in queues {
             if let Ok(ch) = conn.create_channel().await {

@@ -11,7 +11,10 @@
 //! One server per data directory: the store holds a lock on it, and a second server fails at start
 //! with [`BrokerError::Open`]. There are no other instances to announce sessions to.
 
-use super::{BrokerError, QueueCounts, Taken, TokenRecord, TopologySource, legacy_token_queue};
+use super::{
+    BrokerError, DeadLetterValue, QueueCounts, Taken, TokenRecord, TopologySource, dead_letter_headers, dlq_name,
+    legacy_token_queue,
+};
 use crate::config::RabbitConfig;
 use crate::metrics::Metrics;
 use dmr_store::{Acker, HeaderValue, Headers, QueueArgs, Store, StoreError, StoreOptions};
@@ -94,7 +97,7 @@ impl Embedded {
 
     /// Declares `<id>.dlq` and `<id>` with the original's arguments.
     pub(super) async fn declare_agent(&self, agent_id: &str) -> Result<(), BrokerError> {
-        let dlq = format!("{agent_id}.dlq");
+        let dlq = dlq_name(agent_id);
         let dlq_args = QueueArgs {
             ttl_ms: Some(u64::from(self.cfg.dlq_ttl_ms)),
             dead_letter_to: None,
@@ -136,11 +139,7 @@ impl Embedded {
     }
 
     pub(super) fn counts(&self, queue: &str) -> Result<QueueCounts, BrokerError> {
-        let c = self.store.counts(queue).map_err(store_error("count", queue))?;
-        Ok(QueueCounts {
-            messages: c.messages_ready,
-            consumers: c.consumers,
-        })
+        counts(&self.store, queue)
     }
 
     pub(super) fn consume(&self, queue: &str) -> Result<EmbeddedConsumer, BrokerError> {
@@ -180,9 +179,7 @@ impl Embedded {
             Err(e) => Err(store_error("read legacy token", &queue)(e)),
         }
     }
-}
 
-impl Embedded {
     pub(super) fn list(&self, queue: &str, limit: usize) -> Result<Vec<super::Listed>, BrokerError> {
         let messages = self.store.list(queue, limit).map_err(store_error("list", queue))?;
         Ok(messages
@@ -203,6 +200,15 @@ impl Embedded {
             })
             .collect())
     }
+}
+
+/// What `queue` holds now (the store keeps the counts in memory).
+fn counts(store: &Store, queue: &str) -> Result<QueueCounts, BrokerError> {
+    let c = store.counts(queue).map_err(store_error("count", queue))?;
+    Ok(QueueCounts {
+        messages: c.messages_ready,
+        consumers: c.consumers,
+    })
 }
 
 /// A publish to a queue that does not exist is "unroutable", as RabbitMQ returns it.
@@ -234,14 +240,7 @@ impl EmbeddedConsumer {
     }
 
     pub(super) fn counts(&self) -> Result<QueueCounts, BrokerError> {
-        let c = self
-            .store
-            .counts(&self.queue)
-            .map_err(store_error("count", &self.queue))?;
-        Ok(QueueCounts {
-            messages: c.messages_ready,
-            consumers: c.consumers,
-        })
+        counts(&self.store, &self.queue)
     }
 }
 
@@ -263,17 +262,16 @@ pub(super) async fn dead_letter(
     attempts: u32,
     last_error: &str,
 ) -> Result<(), BrokerError> {
-    let mut headers = Headers::new();
-    headers.insert(
-        "x-dmr-dead-letter-reason".into(),
-        HeaderValue::String("delivery-failed".into()),
-    );
-    headers.insert("x-dmr-attempts".into(), HeaderValue::Int(i64::from(attempts)));
-    headers.insert("x-dmr-last-error".into(), HeaderValue::String(last_error.into()));
-    headers.insert(
-        "x-dmr-dead-lettered-at".into(),
-        HeaderValue::String(dmr::time::now_iso()),
-    );
+    let headers: Headers = dead_letter_headers(attempts, last_error)
+        .into_iter()
+        .map(|(name, value)| {
+            let value = match value {
+                DeadLetterValue::Text(s) => HeaderValue::String(s),
+                DeadLetterValue::Count(n) => HeaderValue::Int(i64::from(n)),
+            };
+            (name.to_owned(), value)
+        })
+        .collect();
     acker
         .dead_letter(seq, headers)
         .await

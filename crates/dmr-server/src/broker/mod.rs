@@ -184,6 +184,31 @@ pub struct TokenRecord {
     pub key_digest: String,
 }
 
+/// The dead-letter queue of agent `agent_id`'s queue (compat §6).
+pub fn dlq_name(agent_id: &str) -> String {
+    format!("{agent_id}.dlq")
+}
+
+/// A header value of a dead letter, which each engine writes in its own types.
+pub(crate) enum DeadLetterValue {
+    Text(String),
+    Count(u32),
+}
+
+/// The headers a delivery dead-lettered after failed attempts carries, on either engine: why
+/// (`x-dmr-dead-letter-reason`), how many attempts, the last error, and when.
+pub(crate) fn dead_letter_headers(attempts: u32, last_error: &str) -> [(&'static str, DeadLetterValue); 4] {
+    [
+        (
+            "x-dmr-dead-letter-reason",
+            DeadLetterValue::Text("delivery-failed".into()),
+        ),
+        ("x-dmr-attempts", DeadLetterValue::Count(attempts)),
+        ("x-dmr-last-error", DeadLetterValue::Text(last_error.into())),
+        ("x-dmr-dead-lettered-at", DeadLetterValue::Text(dmr::time::now_iso())),
+    ]
+}
+
 /// The queue that remembers an agent's last legacy token (at most one message, newest wins).
 pub(crate) fn legacy_token_queue(agent_id: &str) -> String {
     format!("dmr.legacy-token.{agent_id}")

@@ -2,7 +2,7 @@
 
 use super::RabbitMq;
 use crate::broker::Listed;
-use crate::broker::{BrokerError, Rejection};
+use crate::broker::{BrokerError, DeadLetterValue, Rejection, dead_letter_headers};
 use lapin::options::{BasicGetOptions, BasicPublishOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Confirmation};
@@ -65,16 +65,13 @@ impl RabbitMq {
         last_error: &str,
     ) -> Result<(), BrokerError> {
         let mut headers = FieldTable::default();
-        headers.insert(
-            "x-dmr-dead-letter-reason".into(),
-            AMQPValue::LongString("delivery-failed".into()),
-        );
-        headers.insert("x-dmr-attempts".into(), AMQPValue::LongUInt(attempts));
-        headers.insert("x-dmr-last-error".into(), AMQPValue::LongString(last_error.into()));
-        headers.insert(
-            "x-dmr-dead-lettered-at".into(),
-            AMQPValue::LongString(dmr::time::now_iso().into()),
-        );
+        for (name, value) in dead_letter_headers(attempts, last_error) {
+            let value = match value {
+                DeadLetterValue::Text(s) => AMQPValue::LongString(s.into()),
+                DeadLetterValue::Count(n) => AMQPValue::LongUInt(n),
+            };
+            headers.insert(name.into(), value);
+        }
         let properties = BasicProperties::default().with_delivery_mode(2).with_headers(headers);
         self.start_publish_with(dlq, body, properties).await?.await
     }

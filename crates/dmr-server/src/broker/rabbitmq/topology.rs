@@ -2,7 +2,7 @@
 //! `<id>.dlq` and the validation-failures queue.
 
 use super::RabbitMq;
-use crate::broker::BrokerError;
+use crate::broker::{BrokerError, dlq_name};
 use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable};
 
@@ -25,7 +25,7 @@ impl RabbitMq {
 
     /// Declares `<id>.dlq` and `<id>` with the original's arguments (compat §6).
     pub async fn declare_agent(&self, agent_id: &str) -> Result<(), BrokerError> {
-        let dlq = format!("{agent_id}.dlq");
+        let dlq = dlq_name(agent_id);
         self.declare_queue(&dlq, self.plain_queue_args(self.cfg.dlq_ttl_ms))
             .await?;
         let mut args = self.plain_queue_args(self.cfg.ttl_ms);
