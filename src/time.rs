@@ -9,7 +9,7 @@
 //! RFC 3339 allows a lowercase `t` and `z` (its §5.6 note), so both are accepted.
 
 use chrono::format::{Parsed, StrftimeItems};
-use chrono::{DateTime, NaiveDate, SecondsFormat, Utc};
+use chrono::{DateTime, Datelike as _, NaiveDate, SecondsFormat, Utc};
 
 /// The current time in `toISOString` form (millisecond precision, `Z`).
 pub fn now_iso() -> String {
@@ -35,7 +35,15 @@ pub fn is_iso8601(s: &str) -> bool {
 /// Parses what [`is_iso8601`] accepts into an instant. A value without a zone is read as UTC
 /// (JavaScript reads a date-only value so; for a zoneless date-time the sender's local zone is
 /// unknowable here, and UTC is the only choice every agent makes alike).
+///
+/// The instant must fall in the years 0000–9999 UTC: the server's `toISOString` form has four
+/// year digits, so a time an offset pushes past them (`0000-01-01T10+20:00`) could never be sent
+/// and is refused here, at the REST API, rather than by the server.
 pub fn parse_iso8601(s: &str) -> Option<DateTime<Utc>> {
+    parse_iso8601_any_year(s).filter(|d| (0..=9999).contains(&d.year()))
+}
+
+fn parse_iso8601_any_year(s: &str) -> Option<DateTime<Utc>> {
     let b = s.as_bytes();
     // chrono's `%Y` also takes signs and more than four digits, and `%#z` skips leading
     // whitespace; the original accepts neither.
@@ -196,6 +204,30 @@ mod tests {
             ("2024-01-15 10:30:00.123456-0530", "2024-01-15T16:00:00.123Z"),
         ] {
             assert_eq!(to_js_iso_string(given).as_deref(), Some(expected), "{given}");
+        }
+    }
+
+    #[test]
+    fn accepted_instants_stay_within_the_servers_four_digit_years() {
+        // Found by fuzzing (fuzz/corpus/timestamp/crash-year-minus-one.txt): the REST API accepted a
+        // time whose instant in UTC falls outside 0000–9999, and its conversion
+        // (`-0001-12-31T14:00:00.000Z`) is a form the server refuses, so the message could
+        // never be sent; it is refused at the REST API instead.
+        for out_of_range in [
+            "0000-01-01T10+20:00",
+            "9999-12-31T23:59:59.999-01:00",
+            "9999-12-31T23:30-00:31",
+        ] {
+            assert!(!is_iso8601(out_of_range), "{out_of_range}");
+            assert_eq!(to_js_iso_string(out_of_range), None, "{out_of_range}");
+        }
+        for (edge, expected) in [
+            ("0000-01-01T10+10:00", "0000-01-01T00:00:00.000Z"),
+            ("9999-12-31T23:59:59.999Z", "9999-12-31T23:59:59.999Z"),
+            ("9999-12-31T22:59:59.999-01:00", "9999-12-31T23:59:59.999Z"),
+            ("0000", "0000-01-01T00:00:00.000Z"),
+        ] {
+            assert_eq!(to_js_iso_string(edge).as_deref(), Some(expected), "{edge}");
         }
     }
 
