@@ -39,7 +39,31 @@ pub enum TokenError {
     /// `iat` lies in the future.
     #[error("token was issued in the future ({0}, unix seconds)")]
     IssuedInFuture(i64),
+    /// Longer than [`MAX_TOKEN_BYTES`]: refused before it is decoded.
+    #[error("token is {0} bytes long; at most {MAX_TOKEN_BYTES} are accepted")]
+    TooLarge(usize),
 }
+
+impl TokenError {
+    /// A short stable name for the defect (a metric label: `dmr_legacy_auth_refusals_total`'s
+    /// `reason`), so that an operator can tell a forged token from an expired one.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Malformed | Self::MissingKid | Self::TooLarge(_) => "malformed_token",
+            Self::Algorithm(_) => "bad_algorithm",
+            Self::Signature(_) => "bad_signature",
+            Self::SubjectMismatch => "subject_mismatch",
+            Self::Expired(_) => "expired_token",
+            Self::NotYetValid(_) | Self::IssuedInFuture(_) => "not_yet_valid",
+            Self::MissingExpiry => "missing_expiry",
+        }
+    }
+}
+
+/// Longest token accepted, in bytes. The original agent's tokens are about 600 bytes; a larger one
+/// is refused before any base64 or JSON decoding, so a hostile handshake cannot make the server
+/// decode megabytes.
+pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 
 /// Whether a well-formed, correctly signed token is still within its lifetime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,7 +95,9 @@ pub fn lifetime(claims: &AgentClaims, now: i64) -> Result<Lifetime, TokenError> 
     Ok(if now < exp {
         Lifetime::Current
     } else {
-        Lifetime::Expired(now - exp)
+        // Saturating: a signed `exp` far in the past (-1e300 reads as i64::MIN) must not wrap
+        // around to a negative age, which a grace period would accept.
+        Lifetime::Expired(now.saturating_sub(exp))
     })
 }
 
@@ -97,6 +123,9 @@ fn segment(s: &str) -> Result<Map<String, Value>, TokenError> {
 }
 
 fn parts(token: &str) -> Result<(&str, &str, &str), TokenError> {
+    if token.len() > MAX_TOKEN_BYTES {
+        return Err(TokenError::TooLarge(token.len()));
+    }
     let mut it = token.split('.');
     match (it.next(), it.next(), it.next(), it.next()) {
         (Some(h), Some(p), Some(s), None) => Ok((h, p, s)),
@@ -152,7 +181,7 @@ pub fn check_time(claims: &AgentClaims, now: i64, grace_secs: i64) -> Result<(),
         return Err(TokenError::NotYetValid(nbf));
     }
     match claims.exp {
-        Some(exp) if now >= exp && now - exp > grace_secs => Err(TokenError::Expired(exp)),
+        Some(exp) if now >= exp && now.saturating_sub(exp) > grace_secs => Err(TokenError::Expired(exp)),
         _ => Ok(()),
     }
 }
@@ -202,5 +231,40 @@ mod tests {
         let forged = format!("{input}.{}", B64.encode(key.sign_rs256(input.as_bytes())));
         assert_eq!(verify(&forged, key.public_key()), Err(TokenError::SubjectMismatch));
         assert_eq!(kid("a.b"), Err(TokenError::Malformed));
+    }
+
+    #[test]
+    fn hostile_tokens_are_refused_with_their_own_reason() {
+        let key = PrivateKey::generate().unwrap();
+        let id = "d3b07384-d9a0-4c3f-a4e2-123456789abc";
+        let huge = format!(
+            "{}.{}.x",
+            B64.encode(json!({"alg":"RS256","kid":id}).to_string()),
+            "A".repeat(1 << 20)
+        );
+        assert_eq!(kid(&huge), Err(TokenError::TooLarge(huge.len())));
+        assert_eq!(TokenError::TooLarge(1).reason(), "malformed_token");
+        let none = format!(
+            "{}.{}.",
+            B64.encode(json!({"alg":"none","kid":id}).to_string()),
+            B64.encode(json!({"sub":id,"exp":i64::MAX}).to_string())
+        );
+        let refused = verify(&none, key.public_key()).unwrap_err();
+        assert_eq!(
+            (refused.reason(), refused),
+            ("bad_algorithm", TokenError::Algorithm("none".into()))
+        );
+        // A signed exp of -1e300 is i64::MIN: its age saturates instead of wrapping to negative.
+        let ancient = AgentClaims {
+            agent_id: id.into(),
+            exp: Some(i64::MIN),
+            nbf: None,
+            iat: None,
+        };
+        assert_eq!(lifetime(&ancient, 1_700_000_000), Ok(Lifetime::Expired(i64::MAX)));
+        assert_eq!(
+            check_time(&ancient, 1_700_000_000, 60),
+            Err(TokenError::Expired(i64::MIN))
+        );
     }
 }

@@ -8,6 +8,7 @@
 //! connection lost; 504 = no confirmation within `MESSAGE_DELIVERY_TIMEOUT_MS`. Before the body is
 //! read ([`crate::guard`]): 403 = a browser page from an origin not in `CORS_ALLOWED_ORIGINS`,
 //! 415 = not `Content-Type: application/json`. 409 = an id accepted before, with another body.
+//! 408 = the body did not arrive within `HTTP_BODY_READ_TIMEOUT_MS` ([`crate::serve`]).
 
 use crate::guard::{Origins, error};
 use crate::link::{Link, SendError};
@@ -99,6 +100,7 @@ pub fn router(state: Arc<ApiState>, max_body: usize) -> Router {
         (status = 200, description = "Durably queued for the recipient (empty body)"),
         (status = 400, description = "Invalid body; every problem named with its path", body = crate::openapi::ErrorDoc),
         (status = 403, description = "Sent by a browser page whose Origin is not in CORS_ALLOWED_ORIGINS", body = crate::openapi::ErrorDoc),
+        (status = 408, description = "The body did not arrive within HTTP_BODY_READ_TIMEOUT_MS", body = crate::openapi::ErrorDoc),
         (status = 409, description = "This id was accepted before with a different message", body = crate::openapi::ErrorDoc),
         (status = 413, description = "Body larger than MESSAGE_MAX_BYTES", body = crate::openapi::ErrorDoc),
         (status = 415, description = "Content-Type is not application/json", body = crate::openapi::ErrorDoc),
@@ -122,10 +124,18 @@ pub(crate) async fn post_message(
     let body = match body {
         Ok(b) => b,
         Err(rejection) => {
-            return error(
-                rejection.status(),
-                vec![format!("request body refused: {}", rejection.body_text())],
-            );
+            let status = if crate::serve::is_body_timeout(&rejection) {
+                StatusCode::REQUEST_TIMEOUT
+            } else {
+                rejection.status()
+            };
+            let mut refused = error(status, vec![format!("request body refused: {}", rejection.body_text())]);
+            // The rest of the body is never read: close the connection instead of leaving the
+            // client to push it into a socket nobody reads (hyper would keep it open otherwise).
+            refused
+                .headers_mut()
+                .insert(header::CONNECTION, axum::http::HeaderValue::from_static("close"));
+            return refused;
         }
     };
     let value: Value = match crate::guard::parse_strict_json(&body) {

@@ -67,6 +67,17 @@ pub struct AgentConfig {
     /// carrying any other `Origin` header is refused (none allowed by default).
     #[arg(long, env = "CORS_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub cors_allowed_origins: Vec<String>,
+    /// How long a REST client may take to send a request's headers, in ms (also how long an idle
+    /// keep-alive connection stays open). A client that trickles its headers (slowloris) is
+    /// disconnected after this.
+    #[arg(long, env = "HTTP_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000,
+        value_parser = clap::value_parser!(u64).range(1..))]
+    pub http_header_read_timeout_ms: u64,
+    /// How long a REST client may take to send a request's body once its headers arrived, in ms;
+    /// a slower body is answered 408 and the connection closed.
+    #[arg(long, env = "HTTP_BODY_READ_TIMEOUT_MS", default_value_t = 30_000,
+        value_parser = clap::value_parser!(u64).range(1..))]
+    pub http_body_read_timeout_ms: u64,
 }
 
 impl std::fmt::Debug for AgentConfig {

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod preflight;
 pub mod recent;
+pub mod serve;
 
 use config::AgentConfig;
 use dmr::keys::PrivateKey;
@@ -100,6 +101,7 @@ pub struct Agent {
     api: Arc<api::ApiState>,
     listener: TcpListener,
     max_body: usize,
+    slow_clients: serve::SlowClientLimits,
     shutdown_timeout: Duration,
 }
 
@@ -152,6 +154,7 @@ impl Agent {
             api,
             listener,
             max_body: cfg.message_max_bytes,
+            slow_clients: serve::SlowClientLimits::from_config(&cfg),
             shutdown_timeout: Duration::from_millis(cfg.shutdown_timeout_ms),
         })
     }
@@ -177,9 +180,7 @@ impl Agent {
         let app = api::router(self.api.clone(), self.max_body);
         let listener = self.listener;
         let everything = async {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-                .await;
+            let served = serve::serve(listener, app, self.slow_clients, shutdown.clone()).await;
             link_stop.cancel();
             let _ = link_task.await;
             served

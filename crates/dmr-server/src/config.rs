@@ -88,6 +88,31 @@ pub struct ServerConfig {
     /// The legacy Socket.IO edge.
     #[command(flatten)]
     pub legacy: LegacyConfig,
+    /// HTTP port: how long a client may take to send a request's headers, in ms (also how long an
+    /// idle keep-alive connection stays open). A client that trickles its headers (slowloris) is
+    /// disconnected after this.
+    #[arg(long, env = "HTTP_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000,
+        value_parser = clap::value_parser!(u64).range(1..))]
+    pub http_header_read_timeout_ms: u64,
+    /// HTTP port: how long a client may take to send a request's body once its headers arrived, in
+    /// ms; a slower body is refused and the connection closed. Socket.IO polling bodies are at most
+    /// about 1 MB: keep it well above what the slowest legacy agent's link needs for that.
+    #[arg(long, env = "HTTP_BODY_READ_TIMEOUT_MS", default_value_t = 30_000,
+        value_parser = clap::value_parser!(u64).range(1..))]
+    pub http_body_read_timeout_ms: u64,
+    /// gRPC port: how long a client may take to start and complete its TLS handshake, in ms. At most
+    /// 256 handshakes run at once, so this also bounds how long silent or slow clients hold those
+    /// places.
+    #[arg(long, env = "TLS_HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000,
+        value_parser = clap::value_parser!(u64).range(1..))]
+    pub tls_handshake_timeout_ms: u64,
+    /// gRPC port: most HTTP/2 streams one connection may have open at once (announced in
+    /// SETTINGS_MAX_CONCURRENT_STREAMS; more are refused with REFUSED_STREAM). An agent needs two
+    /// (its session, and a health check or ListAgents); without a cap a connection could open
+    /// streams without limit.
+    #[arg(long, env = "GRPC_MAX_CONCURRENT_STREAMS", default_value_t = 32,
+        value_parser = clap::value_parser!(u32).range(1..))]
+    pub grpc_max_concurrent_streams: u32,
 }
 
 /// The Socket.IO edge for legacy TypeScript agents (compat §4).

@@ -241,14 +241,21 @@ impl Server {
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         let health_task = tokio::spawn(follow_readiness(core.clone(), health_reporter));
         let accept_stop = CancellationToken::new();
-        let incoming = tls::incoming(grpc, tls, core.metrics.clone(), accept_stop.clone());
+        let handshake_timeout = Duration::from_millis(core.cfg.tls_handshake_timeout_ms);
+        let incoming =
+            tls::incoming_with_timeout(grpc, tls, core.metrics.clone(), handshake_timeout, accept_stop.clone());
         let grpc_task = grpc_server(&core, health_service)?
             .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
         // The HTTP port keeps serving until the sessions drained: a legacy agent on the polling
         // transport needs new requests to receive the answers to its last sends.
         let drained = CancellationToken::new();
-        let http_task =
-            axum::serve(http, http::router(core.clone())).with_graceful_shutdown(drained.clone().cancelled_owned());
+        // Not axum::serve: it has no header or body read timeouts (slowloris), see `http::serve`.
+        let http_task = http::serve(
+            http,
+            http::router(core.clone()),
+            http::SlowClientLimits::from_config(&core.cfg),
+            drained.clone(),
+        );
 
         let drain = {
             let (core, shutdown, broker_stop, drained) =
@@ -326,6 +333,10 @@ fn remote_session_hook(core: &Arc<Core>) -> broker::RemoteSessionHook {
     })
 }
 
+/// Streams a client may reset before the server accepted them, at once, before the connection is
+/// closed with ENHANCE_YOUR_CALM (h2's own default).
+const GRPC_MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
+
 type GatewayServer = dmr::proto::agent_gateway_server::AgentGatewayServer<gateway::Gateway>;
 
 /// The gRPC services: health, reflection (v1 and v1alpha, for every grpcurl) and the gateway.
@@ -351,6 +362,12 @@ fn grpc_server(
         .http2_adaptive_window(Some(true))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        // tonic's default is no cap at all (it overrides hyper's 200): one connection could open
+        // streams without limit (GRPC_MAX_CONCURRENT_STREAMS).
+        .max_concurrent_streams(core.cfg.grpc_max_concurrent_streams)
+        // HTTP/2 rapid reset (CVE-2023-44487): streams a client resets before they were served
+        // count against this; past it the connection gets GOAWAY (h2's default, said explicitly).
+        .http2_max_pending_accept_reset_streams(Some(GRPC_MAX_PENDING_ACCEPT_RESET_STREAMS))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

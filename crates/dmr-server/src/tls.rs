@@ -73,22 +73,36 @@ pub fn server_config(cert: &Path, key: &Path, client_ca: &Path) -> Result<Arc<ru
 
 /// TLS handshakes in progress at once; further connections wait in the listen backlog.
 const MAX_CONCURRENT_HANDSHAKES: usize = 256;
-/// How long a client may take to complete its handshake (or to send its first byte).
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// At most one warning per this period about refused handshakes; the rest go to debug level.
 const REFUSAL_LOG_PERIOD: Duration = Duration::from_secs(10);
 
+/// The default of `TLS_HANDSHAKE_TIMEOUT_MS`.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// [`incoming_with_timeout`] with [`DEFAULT_HANDSHAKE_TIMEOUT`].
+pub fn incoming(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) -> tokio_stream::wrappers::ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
+    incoming_with_timeout(listener, config, metrics, DEFAULT_HANDSHAKE_TIMEOUT, stop)
+}
+
 /// Accepts TCP connections and yields completed TLS sessions; stops when `stop` fires.
 ///
+/// A client has `handshake_timeout` (`TLS_HANDSHAKE_TIMEOUT_MS`) to send its first byte, and as
+/// long again to complete the handshake; then it is disconnected (a slowloris on TLS).
 /// At most [`MAX_CONCURRENT_HANDSHAKES`] handshakes run at once (the permit travels with each
 /// handshake task), so a flood of slow or hostile clients cannot exhaust the server. A connection
 /// that closes or stays silent without starting TLS (a TCP probe, a load-balancer check) is counted
 /// apart (`dmr_tls_probe_connections_total`) and logged at debug level; refused handshakes are
 /// counted each and logged at most once per [`REFUSAL_LOG_PERIOD`].
-pub fn incoming(
+pub fn incoming_with_timeout(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
     metrics: Arc<Metrics>,
+    handshake_timeout: Duration,
     stop: CancellationToken,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
     // Bounded: when tonic stops taking connections the accept loop waits instead of piling them up.
@@ -118,12 +132,12 @@ pub fn incoming(
             let (acceptor, tx, metrics, refusals) = (acceptor.clone(), tx.clone(), metrics.clone(), refusals.clone());
             tokio::spawn(async move {
                 let _permit = permit;
-                if !starts_talking(&tcp).await {
+                if !starts_talking(&tcp, handshake_timeout).await {
                     metrics.tls_probes.inc();
                     tracing::debug!(%peer, "connection closed or silent before TLS started (probe)");
                     return;
                 }
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
                         let _ = tx.send(Ok(tls)).await;
                     }
@@ -132,7 +146,13 @@ pub fn incoming(
                         metrics.auth_failures.with_label_values(&["tls_handshake"]).inc();
                         refusals.report(&peer, &e);
                     }
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    Err(_) => {
+                        metrics
+                            .auth_failures
+                            .with_label_values(&["tls_handshake_timeout"])
+                            .inc();
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                    }
                 }
             });
         }
@@ -141,9 +161,9 @@ pub fn incoming(
 }
 
 /// True once the client sent a first byte; false if it closed or stayed silent.
-async fn starts_talking(tcp: &TcpStream) -> bool {
+async fn starts_talking(tcp: &TcpStream, timeout: Duration) -> bool {
     let mut first = [0u8; 1];
-    matches!(tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.peek(&mut first)).await, Ok(Ok(n)) if n > 0)
+    matches!(tokio::time::timeout(timeout, tcp.peek(&mut first)).await, Ok(Ok(n)) if n > 0)
 }
 
 /// Rate-limited logging of refused handshakes (a port scan must not flood the log).

@@ -29,6 +29,45 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Moves the ready messages `seqs` of `queue` to the end of queue `to` (headers kept, a new seq
+    /// and enqueue time there), or removes them when `to` is `None`, in one durable transaction:
+    /// after a crash each message is in exactly one of the two queues. Returns how many moved;
+    /// seqs that are not ready in `queue` (unknown, already gone, or held unacknowledged by a
+    /// consumer) are skipped. [`StoreError::QueueNotFound`] if either queue is not declared.
+    ///
+    /// The messages leave the ready list at once (no consumer can take them meanwhile); if the
+    /// commit fails they are put back.
+    pub async fn move_ready(&self, queue: &str, seqs: &[u64], to: Option<&str>) -> Result<u64, StoreError> {
+        let entries: Vec<_> = {
+            let mut st = lock(&self.inner().state);
+            if let Some(target) = to
+                && !st.queues.contains_key(target)
+            {
+                return Err(StoreError::QueueNotFound(target.to_string()));
+            }
+            let qs = st
+                .queues
+                .get_mut(queue)
+                .ok_or_else(|| StoreError::QueueNotFound(queue.to_string()))?;
+            seqs.iter()
+                .filter_map(|seq| qs.ready.remove(seq).map(|meta| (*seq, meta)))
+                .collect()
+        };
+        if entries.is_empty() {
+            return Ok(0);
+        }
+        self.inner()
+            .call(|reply| Op::Move {
+                queue: queue.to_string(),
+                entries,
+                to: to.map(str::to_string),
+                reply,
+            })
+            .await
+    }
+}
+
 /// Settles the deliveries of one [`Consumer`] (cheap to clone). Settling after the consumer is
 /// gone fails with [`StoreError::UnknownDelivery`]: its messages went back to the queue.
 #[derive(Clone)]

@@ -76,6 +76,14 @@ pub(crate) enum Op {
         kind: DeadLetterKind,
         reply: Reply,
     },
+    /// Ready messages already taken off the ready list by [`crate::Store::move_ready`]: removed, and
+    /// appended to `to` (headers kept) when it is `Some`, in one durable commit.
+    Move {
+        queue: String,
+        entries: Vec<(u64, Meta)>,
+        to: Option<String>,
+        reply: Reply,
+    },
     /// Expired messages already taken off the ready list.
     Expire {
         queue: String,
@@ -376,6 +384,15 @@ impl Writer {
                 let r = self.dead_letter(&queue, seq, kind, t, b)?;
                 b.replies.push((reply, r));
             }
+            Op::Move {
+                queue,
+                entries,
+                to,
+                reply,
+            } => {
+                let r = self.move_ready(&queue, entries, to.as_deref(), t, b)?;
+                b.replies.push((reply, r));
+            }
             Op::Expire { queue, entries } => {
                 let Some(args) = self.lookup(b, &queue) else {
                     return Ok(());
@@ -400,6 +417,50 @@ impl Writer {
             }
         }
         Ok(())
+    }
+
+    /// Removes `entries` (taken off `queue`'s ready list by the caller) and appends them to `to`
+    /// with their headers; returns how many were moved (or removed). A target that no longer
+    /// exists puts them back and fails the operation alone.
+    fn move_ready(
+        &mut self,
+        queue: &str,
+        entries: Vec<(u64, Meta)>,
+        to: Option<&str>,
+        t: &mut Tables<'_>,
+        b: &mut Batch,
+    ) -> Result<Result<u64, StoreError>, StoreError> {
+        let path = self.inner.db_path.clone();
+        if let Some(target) = to
+            && self.lookup(b, target).is_none()
+        {
+            let mut st = lock(&self.inner.state);
+            if let Some(qs) = st.queues.get_mut(queue) {
+                qs.ready.extend(entries);
+                qs.wake();
+            }
+            return Ok(Err(StoreError::QueueNotFound(target.to_string())));
+        }
+        let now = now_ms();
+        let mut moved = 0u64;
+        for (seq, meta) in entries {
+            b.undo.push((queue.to_string(), seq, meta));
+            let Some(raw) = t
+                .messages
+                .remove((queue, seq))
+                .map_err(|x| StoreError::db(&path, x))?
+            else {
+                continue;
+            };
+            let (_, headers, body) = record::decode(raw.value(), &path)?;
+            drop(raw);
+            if let Some(target) = to {
+                self.insert_moved(target, headers, &body, now, t, b)?;
+            }
+            moved += 1;
+        }
+        b.durable = true;
+        Ok(Ok(moved))
     }
 
     /// Inserts a message moved from another queue (dead-lettered or expired) into `target`.
