@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: a broker, the test tooling (npm: jose, socket.io-client, buf;
 # PyPI: grpcurl, schemathesis; Debian: prometheus), proto lint, deployment-file checks, formatting,
-# clippy, and every Rust test (unit, end-to-end against real RabbitMQ and mTLS, interop with the real
-# jose and socket.io-client packages, fault injection, operability), then the end-to-end suites
+# clippy, a bounded coverage-guided run of every fuzz target, and every Rust test (unit, end-to-end
+# against real RabbitMQ and mTLS, interop with the real jose and socket.io-client packages, fault
+# injection, operability), then the end-to-end suites
 # again on the embedded broker engine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +31,8 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+echo "== fuzz (coverage-guided, 8 s per target; scripts/fuzz.sh, fuzz/README.md)"
+bash scripts/fuzz.sh 8
 echo "== cargo test"
 # The process-level tests (fault injection, log audit) run the `dmr` binary itself; cargo does not
 # build another package's binary for integration tests, so build it first.
@@ -46,7 +49,7 @@ echo "== cargo test: the same end-to-end suites on the embedded broker engine"
 # over AMQP while the server process runs (the SIGKILL test covers the embedded engine's process).
 DMR_TEST_BROKER=embedded RABBITMQ_DEFAULT_PORT=1 cargo test --no-fail-fast \
   --test relay --test legacy --test legacy_restarts --test shutdown --test server_edges \
-  --test directory --test faults -- \
+  --test directory --test faults --test policy -- \
   --skip a_new_session_waits_until_another_instance_lets_go_of_the_queue \
   --skip consumers_spread_over_connections_and_messages_flow_on_each \
   --skip refused_broker_credentials_stop_the_server_at_start_naming_user_and_vhost \

@@ -6,6 +6,7 @@
 //! - [`jose`]: JWS-in-JWE end-to-end encryption byte-compatible with the original's `jose` usage (compat §3).
 //! - [`directory`]: the CentOps agent list format (compat §7) and key parsing.
 //! - [`token`]: the legacy agents' handshake JWT (compat §4).
+//! - [`policy`]: the relay policy (who may send to whom) and per-agent limit overrides.
 //!
 //! **Invariant:** nothing here opens a socket, spawns a task or reads the environment.
 
@@ -15,6 +16,7 @@ pub mod error;
 pub mod jose;
 pub mod keys;
 pub mod message;
+pub mod policy;
 pub mod time;
 pub mod token;
 

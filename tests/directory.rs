@@ -5,7 +5,7 @@
 
 mod support;
 
-use serde_json::json;
+use serde_json::{Value, json};
 use std::time::Duration;
 use support::*;
 
@@ -99,6 +99,20 @@ async fn a_deleted_agent_is_disconnected_within_a_poll_and_refused_after() {
     relay.finish().await;
 }
 
+/// Waits until agent B's directory holds `agent`'s key.
+async fn b_knows_the_key_of(relay: &Relay, agent: &dmr_pki::AgentCredentials) -> bool {
+    let key = dmr::keys::PublicKey::from_pem(&agent.public_key_pem).unwrap();
+    eventually(WAIT, || {
+        relay
+            .agent_b
+            .link
+            .directory()
+            .get(&agent.id)
+            .is_some_and(|e| e.key == key)
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_key_cuts_the_old_session_and_the_new_key_keeps_receiving() {
     let centops = CentOpsStub::start().await;
@@ -119,21 +133,46 @@ async fn a_rotated_key_cuts_the_old_session_and_the_new_key_keeps_receiving() {
 
     relay.agent_a = start_agent(agent_config(&relay.pki, &new_a, relay.server.grpc, &relay.sink_a.url)).await;
     relay.agent_a.wait_connected().await;
-    let new_key = dmr::keys::PublicKey::from_pem(&new_a.public_key_pem).unwrap();
-    assert!(
-        eventually(WAIT, || relay
-            .agent_b
-            .link
-            .directory()
-            .get(&relay.a.id)
-            .is_some_and(|e| e.key == new_key))
-        .await
-    );
+    assert!(b_knows_the_key_of(&relay, &new_a).await, "B has A's new key");
     let m = seed_message(&relay.a.id);
     assert_eq!(relay.post_to_b(&m).await.0, 200);
     let got = relay.sink_a.wait_for(1, WAIT).await;
     assert_eq!(got.len(), 1, "encrypted for the new key and decrypted with it");
     assert_eq!(got[0]["payload"], m["payload"]);
+    relay.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rekeyed_agent_decrypts_what_was_queued_for_its_old_key() {
+    // SECURITY.md "Rotating keys and certificates", step by step.
+    let centops = CentOpsStub::start().await;
+    let (mut relay, _) = Relay::start_with_centops(0, &centops).await;
+    relay.take_a_offline().await;
+    let before = seed_message(&relay.a.id);
+    assert_eq!(
+        relay.post_to_b(&before).await.0,
+        200,
+        "queued, encrypted to A's old key"
+    );
+
+    // 1-2: a new key for A, published in CentOps; B learns it.
+    let new_a = dmr_pki::AgentCredentials::generate(&relay.pki.ca, &relay.a.id, "Agent A (re-keyed)").unwrap();
+    centops.serve_agents(&[&new_a, &relay.b]);
+    assert!(b_knows_the_key_of(&relay, &new_a).await, "B has A's new key");
+    let after = seed_message(&relay.a.id);
+    assert_eq!(relay.post_to_b(&after).await.0, 200, "queued, encrypted to A's new key");
+
+    // 3: A restarts with the new key, and the old one as its previous key.
+    let old_key = relay.pki.write("agent-a-previous-key.pem", &relay.a.key_pem);
+    let mut cfg = agent_config(&relay.pki, &new_a, relay.server.grpc, &relay.sink_a.url);
+    cfg.agent_previous_private_key_file = Some(old_key);
+    relay.agent_a = start_agent(cfg).await;
+    relay.agent_a.wait_connected().await;
+    let got = relay.sink_a.wait_for(2, WAIT).await;
+    let ids: Vec<&Value> = got.iter().map(|m| &m["id"]).collect();
+    assert_eq!(ids, [&before["id"], &after["id"]], "both delivered, in order");
+    assert_eq!(got[0]["payload"], before["payload"]);
+    assert_eq!(got[1]["payload"], after["payload"]);
     relay.finish().await;
 }
 

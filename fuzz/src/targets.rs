@@ -9,7 +9,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use dmr::directory::{CentOpsResponse, Directory};
 use dmr::envelope::{self, Envelope, ValidationFailure};
 use dmr::keys::{PrivateKey, PublicKey};
-use dmr::{jose, message, proto, time, token};
+use dmr::{jose, message, policy, proto, time, token};
 use prost::Message as _;
 use serde_json::{Value, json};
 
@@ -28,6 +28,7 @@ pub const ALL: &[Target] = &[
     ("directory_proto", directory_proto),
     ("keys_pem", keys_pem),
     ("timestamp", timestamp),
+    ("policy_json", policy_json),
 ];
 
 /// Inputs longer than this only go through the parsers, not the RSA round trips (which would
@@ -314,4 +315,25 @@ fn assert_time_rules_total(claims: &token::AgentClaims) {
 /// The value after printing and re-reading it, as a peer would see it.
 fn reparse(value: &Value) -> Value {
     serde_json::from_str(&value.to_string()).expect("serde_json reads what it prints")
+}
+
+/// The relay policy document (`policy::Policy::from_json`), fetched by the server from a file or URL.
+pub fn policy_json(data: &[u8]) {
+    let Ok(parsed) = policy::Policy::from_json(data) else {
+        return;
+    };
+    // Parsing is deterministic, and a decision is a pure function of the two ids, in any case.
+    assert_eq!(policy::Policy::from_json(data).ok().as_ref(), Some(&parsed));
+    let (a, b) = (&fixtures().a.id, &fixtures().b.id);
+    for (from, to) in [(a, b), (b, a), (a, a)] {
+        let verdict = parsed.check(from, to);
+        assert_eq!(parsed.check(from, to), verdict);
+        if let Err(denied) = verdict {
+            assert!(denied.describe(from, to).contains(to.as_str()));
+        }
+    }
+    let limits = parsed.limits_for(a);
+    for value in [limits.messages_per_second, limits.burst, limits.max_in_flight] {
+        assert_ne!(value, Some(0), "a zero limit is refused at parse time");
+    }
 }

@@ -99,13 +99,13 @@ pub fn router(state: Arc<ApiState>, max_body: usize) -> Router {
     responses(
         (status = 200, description = "Durably queued for the recipient (empty body)"),
         (status = 400, description = "Invalid body; every problem named with its path", body = crate::openapi::ErrorDoc),
-        (status = 403, description = "Sent by a browser page whose Origin is not in CORS_ALLOWED_ORIGINS", body = crate::openapi::ErrorDoc),
+        (status = 403, description = "The server's relay policy does not let this agent send to the recipient (the rule is named), or a browser page whose Origin is not in CORS_ALLOWED_ORIGINS sent it; nothing queued", body = crate::openapi::ErrorDoc),
         (status = 408, description = "The body did not arrive within HTTP_BODY_READ_TIMEOUT_MS", body = crate::openapi::ErrorDoc),
         (status = 409, description = "This id was accepted before with a different message", body = crate::openapi::ErrorDoc),
-        (status = 413, description = "Body larger than MESSAGE_MAX_BYTES", body = crate::openapi::ErrorDoc),
+        (status = 413, description = "Body larger than MESSAGE_MAX_BYTES, or the encrypted payload over this agent's max_payload_bytes in the server's relay policy; nothing queued", body = crate::openapi::ErrorDoc),
         (status = 415, description = "Content-Type is not application/json", body = crate::openapi::ErrorDoc),
         (status = 422, description = "recipientId is not a known agent", body = crate::openapi::ErrorDoc),
-        (status = 429, description = "The recipient's queue is at the server's MESSAGE_QUEUE_MAX_DEPTH; nothing queued; retry after Retry-After seconds", body = crate::openapi::ErrorDoc,
+        (status = 429, description = "The recipient's queue is at the server's MESSAGE_QUEUE_MAX_DEPTH, or this agent is over one of its limits at the server (sends or bytes per second, sends in flight; the limit is named); nothing queued; retry after Retry-After seconds", body = crate::openapi::ErrorDoc,
             headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
         (status = 502, description = "The server refused the message, or the stream broke before it answered", body = crate::openapi::ErrorDoc),
         (status = 503, description = "Not connected to the server, or its broker is down; nothing queued; retry after Retry-After seconds", body = crate::openapi::ErrorDoc,
@@ -220,17 +220,16 @@ pub(crate) async fn post_message(
                     result.detail
                 )],
             ),
-            SendStatus::RecipientBacklogged => {
-                let seconds = result.retry_after_ms.div_ceil(1000).max(1);
-                let mut response = error(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    vec![format!("DMR server did not queue the message: {}", result.detail)],
-                );
-                if let Ok(value) = axum::http::HeaderValue::from_str(&seconds.to_string()) {
-                    response.headers_mut().insert(axum::http::header::RETRY_AFTER, value);
-                }
-                response
-            }
+            SendStatus::RecipientBacklogged => retry_later(&result),
+            SendStatus::ResourceExhausted if result.retry_after_ms == 0 => error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                vec![format!("DMR server did not queue the message: {}", result.detail)],
+            ),
+            SendStatus::ResourceExhausted => retry_later(&result),
+            SendStatus::PermissionDenied => error(
+                StatusCode::FORBIDDEN,
+                vec![format!("DMR server did not queue the message: {}", result.detail)],
+            ),
             SendStatus::Invalid | SendStatus::Unspecified => error(
                 StatusCode::BAD_GATEWAY,
                 vec![format!("DMR server refused the message: {}", result.detail)],
@@ -243,6 +242,20 @@ pub(crate) async fn post_message(
         Err(SendError::Timeout) => error(StatusCode::GATEWAY_TIMEOUT, vec![SendError::Timeout.to_string()]),
         Err(e @ SendError::ConnectionLost) => error(StatusCode::BAD_GATEWAY, vec![e.to_string()]),
     }
+}
+
+/// 429 with `Retry-After` (whole seconds, at least 1): the server did not queue the message and said
+/// when to try again.
+fn retry_later(result: &dmr::proto::SendResult) -> Response {
+    let seconds = result.retry_after_ms.div_ceil(1000).max(1);
+    let mut response = error(
+        StatusCode::TOO_MANY_REQUESTS,
+        vec![format!("DMR server did not queue the message: {}", result.detail)],
+    );
+    if let Ok(value) = axum::http::HeaderValue::from_str(&seconds.to_string()) {
+        response.headers_mut().insert(axum::http::header::RETRY_AFTER, value);
+    }
+    response
 }
 
 /// The server demands `toISOString` form (compat §5) while the REST API accepts any ISO-8601 date

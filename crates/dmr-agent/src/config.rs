@@ -27,6 +27,11 @@ pub struct AgentConfig {
     /// Alternatively, a file holding the private key.
     #[arg(long, env = "AGENT_PRIVATE_KEY_FILE")]
     pub agent_private_key_file: Option<PathBuf>,
+    /// While re-keying: a file holding the agent's previous private key. A delivery that does not
+    /// decrypt with the current key is tried with this one (messages encrypted to the old key before
+    /// the switch); it never signs anything (SECURITY.md "Rotating keys and certificates").
+    #[arg(long, env = "AGENT_PREVIOUS_PRIVATE_KEY_FILE")]
+    pub agent_previous_private_key_file: Option<PathBuf>,
     /// The agent's client certificate (PEM) for the key above.
     #[arg(long, env = "TLS_CERT_FILE")]
     pub tls_cert_file: PathBuf,
@@ -136,6 +141,20 @@ impl AgentConfig {
                 "AGENT_PRIVATE_KEY or AGENT_PRIVATE_KEY_FILE must be set".into(),
             )),
         }
+    }
+
+    /// The previous private key PEM (`AGENT_PREVIOUS_PRIVATE_KEY_FILE`), if set.
+    pub fn previous_private_key_pem(&self) -> Result<Option<String>, crate::StartError> {
+        let Some(path) = &self.agent_previous_private_key_file else {
+            return Ok(None);
+        };
+        std::fs::read_to_string(path)
+            .map(Some)
+            .map_err(|source| crate::StartError::File {
+                what: "AGENT_PREVIOUS_PRIVATE_KEY_FILE",
+                path: path.clone(),
+                source,
+            })
     }
 
     /// The REST confirmation timeout.

@@ -52,9 +52,34 @@ enum Opened {
     Answered(DeliveryResult),
 }
 
+/// The keys deliveries are decrypted with: the agent's own, and while it re-keys, its previous one
+/// (`AGENT_PREVIOUS_PRIVATE_KEY_FILE`) for messages encrypted to the old key before the switch.
+pub struct DecryptionKeys {
+    /// The agent's key.
+    pub current: Arc<PrivateKey>,
+    /// The key it had before, if it is being rotated.
+    pub previous: Option<PrivateKey>,
+}
+
+impl DecryptionKeys {
+    /// Decrypts and verifies `jwe` from `sender`: with the current key, else the previous one.
+    /// On failure, the current key's error (the one that matters once the rotation is over).
+    pub fn open(
+        &self,
+        jwe: &str,
+        sender: &dmr::keys::PublicKey,
+    ) -> Result<Option<serde_json::Value>, dmr::jose::JoseError> {
+        let first = dmr::jose::open(jwe, &self.current, sender);
+        match (&first, &self.previous) {
+            (Err(_), Some(previous)) => dmr::jose::open(jwe, previous, sender).or(first),
+            _ => first,
+        }
+    }
+}
+
 /// Turns deliveries into POSTs to the internal endpoint.
 pub struct Inbox {
-    key: Arc<PrivateKey>,
+    keys: Arc<DecryptionKeys>,
     directory: Arc<DirectoryCell>,
     http: reqwest::Client,
     endpoint: String,
@@ -66,7 +91,7 @@ pub struct Inbox {
 impl Inbox {
     /// Creates the inbox.
     pub fn new(
-        key: Arc<PrivateKey>,
+        keys: Arc<DecryptionKeys>,
         directory: Arc<DirectoryCell>,
         endpoint: String,
         timeout: Duration,
@@ -75,7 +100,7 @@ impl Inbox {
     ) -> Result<Arc<Self>, reqwest::Error> {
         let http = reqwest::Client::builder().timeout(timeout).build()?;
         Ok(Arc::new(Self {
-            key,
+            keys,
             directory,
             http,
             endpoint,
@@ -143,9 +168,9 @@ impl Inbox {
                 format!("sender {} is not in this agent's directory", env.sender_id),
             ));
         };
-        let key = self.key.clone();
+        let keys = self.keys.clone();
         let jwe = env.payload;
-        let opened = tokio::task::spawn_blocking(move || dmr::jose::open(&jwe, &key, &sender)).await;
+        let opened = tokio::task::spawn_blocking(move || keys.open(&jwe, &sender)).await;
         let payload = match opened {
             Ok(Ok(payload)) => payload,
             Ok(Err(e)) => {

@@ -48,6 +48,9 @@ pub enum StartError {
     /// The private key is unusable.
     #[error("AGENT_PRIVATE_KEY: {0}")]
     Key(#[from] dmr::keys::KeyError),
+    /// The previous private key is unusable.
+    #[error("AGENT_PREVIOUS_PRIVATE_KEY_FILE: {0}")]
+    PreviousKey(dmr::keys::KeyError),
     /// A certificate file holds no usable certificate.
     #[error("{variable} {path}: {problem}")]
     BadCertificate {
@@ -128,8 +131,15 @@ impl Agent {
         let metrics = Arc::new(Metrics::new());
         let directory = Arc::new(DirectoryCell::default());
         let link = Link::new(cfg.clone(), &key.to_pkcs8_pem()?, directory.clone(), metrics.clone())?;
+        let previous_key = match cfg.previous_private_key_pem()? {
+            Some(pem) => Some(PrivateKey::from_pem(&pem).map_err(StartError::PreviousKey)?),
+            None => None,
+        };
         let inbox = inbox::Inbox::new(
-            key.clone(),
+            Arc::new(inbox::DecryptionKeys {
+                current: key.clone(),
+                previous: previous_key,
+            }),
             directory,
             cfg.outgoing_message_endpoint.clone(),
             Duration::from_millis(cfg.outgoing_message_timeout_ms),

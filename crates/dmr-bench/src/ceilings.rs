@@ -15,7 +15,7 @@ use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Publish confirms awaited at once, as the server allows per agent stream (`SENDS_IN_FLIGHT`).
+/// Publish confirms awaited at once, as the server allows per agent stream by default (`LIMIT_SENDS_IN_FLIGHT`).
 pub const CONFIRM_WINDOW: usize = 256;
 
 /// The arguments `Broker::declare_agent` gives an agent queue and its DLQ.

@@ -27,7 +27,8 @@ pub fn runtime(name: &str) -> anyhow::Result<tokio::runtime::Runtime> {
 /// every tuning setting at its default (that is what is measured), and its own
 /// validation-failures queue.
 /// The server's delivery tuning is read from its own variables (`MESSAGE_DELIVERY_WINDOW`,
-/// `MESSAGE_QUEUE_HOLD_MAX_MS`, `MESSAGE_QUEUE_HOLD_DEPTH`) when set, to compare settings.
+/// `MESSAGE_QUEUE_HOLD_MAX_MS`, `MESSAGE_QUEUE_HOLD_DEPTH`, the `LIMIT_SEND*` limits) when set, to
+/// compare settings.
 pub fn server_config(pki: &TestPki, centops: &Path, rabbit: &RabbitConfig) -> ServerConfig {
     let vf = format!("validation-failures-bench-{}", uuid::Uuid::new_v4());
     let mut cfg = dmr_testkit::base_server_config(pki, centops, rabbit, &vf);
@@ -46,6 +47,17 @@ pub fn server_config(pki: &TestPki, centops: &Path, rabbit: &RabbitConfig) -> Se
     if let Some(v) = var("MESSAGE_QUEUE_HOLD_DEPTH").and_then(|v| u32::try_from(v).ok()) {
         cfg.message_queue_hold_depth = v.max(1);
     }
+    // The benchmarks measure what the relay can carry: one pair sends well above the default
+    // per-agent limits (LIMIT_SENDS_PER_SECOND, LIMIT_SENDS_IN_FLIGHT), so those are off here
+    // unless set.
+    cfg.policy.sends_per_second = var("LIMIT_SENDS_PER_SECOND")
+        .and_then(|v| u32::try_from(v).ok())
+        .unwrap_or(0);
+    cfg.policy.send_bytes_per_second = var("LIMIT_SEND_BYTES_PER_SECOND").unwrap_or(0);
+    cfg.policy.sends_in_flight = var("LIMIT_SENDS_IN_FLIGHT")
+        .and_then(|v| u32::try_from(v).ok())
+        .unwrap_or(u32::MAX)
+        .max(1);
     cfg
 }
 

@@ -88,6 +88,9 @@ pub struct ServerConfig {
     /// The legacy Socket.IO edge.
     #[command(flatten)]
     pub legacy: LegacyConfig,
+    /// The relay policy and the limits per agent and per instance.
+    #[command(flatten)]
+    pub policy: PolicyConfig,
     /// HTTP port: how long a client may take to send a request's headers, in ms (also how long an
     /// idle keep-alive connection stays open). A client that trickles its headers (slowloris) is
     /// disconnected after this.
@@ -154,6 +157,70 @@ pub struct LegacyConfig {
 }
 
 impl Default for LegacyConfig {
+    /// The defaults written in the definitions above (the environment is not read).
+    fn default() -> Self {
+        defaults_with(&[])
+    }
+}
+
+/// The relay policy (who may send to whom) and the limits that keep one agent from crowding out the
+/// others. A limit of 0 is off. The policy file may override the per-agent send limits agent by
+/// agent (`dmr::policy`).
+#[derive(Clone, Debug, clap::Args)]
+pub struct PolicyConfig {
+    /// The relay policy: an http(s) URL or a local file path (JSON, see README "Relay policy and
+    /// limits"), refreshed like the directory (CENTOPS_CONFIGURATION_CRON_TIME, and on file change).
+    /// Unset: every agent in the directory may send to every other (the original's behaviour).
+    #[arg(long = "policy-url", env = "POLICY_URL")]
+    pub url: Option<String>,
+    /// Sustained sends per second per agent (0 = no limit). Over it: RESOURCE_EXHAUSTED (REST 429).
+    #[arg(
+        long = "limit-sends-per-second",
+        env = "LIMIT_SENDS_PER_SECOND",
+        default_value_t = 1000
+    )]
+    pub sends_per_second: u32,
+    /// Sends per agent allowed at once above the sustained rate (the token bucket's size).
+    #[arg(long = "limit-send-burst", env = "LIMIT_SEND_BURST", default_value_t = 2000,
+        value_parser = clap::value_parser!(u32).range(1..))]
+    pub send_burst: u32,
+    /// Sustained payload bytes per second per agent (0 = no limit); the bucket holds one second's
+    /// worth, and at least one largest payload.
+    #[arg(long = "limit-send-bytes-per-second", env = "LIMIT_SEND_BYTES_PER_SECOND", default_value_t = 64 * 1024 * 1024)]
+    pub send_bytes_per_second: u64,
+    /// Sends of one agent awaiting their answer at once; one more is refused (RESOURCE_EXHAUSTED,
+    /// REST 429) until one is answered.
+    #[arg(long = "limit-sends-in-flight", env = "LIMIT_SENDS_IN_FLIGHT", default_value_t = 256,
+        value_parser = clap::value_parser!(u32).range(1..))]
+    pub sends_in_flight: u32,
+    /// Sessions (gRPC streams and Socket.IO sockets) this instance holds at most (0 = no limit); an
+    /// agent over it is told to connect to another instance.
+    #[arg(long = "limit-sessions", env = "LIMIT_SESSIONS", default_value_t = 20_000)]
+    pub sessions: u32,
+    /// Sessions one agent may open on this instance per minute, sustained (0 = no limit): a
+    /// flapping agent must not churn the broker with consumers.
+    #[arg(
+        long = "limit-session-opens-per-minute",
+        env = "LIMIT_SESSION_OPENS_PER_MINUTE",
+        default_value_t = 30
+    )]
+    pub session_opens_per_minute: u32,
+    /// Sessions one agent may open at once above that rate.
+    #[arg(long = "limit-session-open-burst", env = "LIMIT_SESSION_OPEN_BURST", default_value_t = 10,
+        value_parser = clap::value_parser!(u32).range(1..))]
+    pub session_open_burst: u32,
+    /// Socket.IO connection attempts (engine.io handshakes) per source address per minute
+    /// (0 = no limit); a burst of this many is allowed. Behind a proxy every client has the proxy's
+    /// address: raise it there.
+    #[arg(
+        long = "limit-socket-connects-per-minute",
+        env = "LIMIT_SOCKET_CONNECTS_PER_MINUTE",
+        default_value_t = 120
+    )]
+    pub socket_connects_per_minute: u32,
+}
+
+impl Default for PolicyConfig {
     /// The defaults written in the definitions above (the environment is not read).
     fn default() -> Self {
         defaults_with(&[])

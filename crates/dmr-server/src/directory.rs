@@ -14,101 +14,38 @@ use crate::Core;
 use crate::session::Revocation;
 use dmr::directory::{AgentEntry, Directory, DirectoryError};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
 /// Why the directory could not be loaded.
-#[derive(Debug, thiserror::Error)]
-pub enum LoadError {
-    /// The file could not be read.
-    #[error("cannot read CentOps file {path}: {source}")]
-    File {
-        /// The path.
-        path: String,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The HTTP request failed or timed out.
-    #[error("cannot fetch CentOps configuration from {url}: {source}")]
-    Http {
-        /// The URL.
-        url: String,
-        /// Why.
-        source: reqwest::Error,
-    },
-    /// The answer was refused.
-    #[error("CentOps configuration from {source_name} refused: {error}")]
-    Invalid {
-        /// Where it came from.
-        source_name: String,
-        /// Why.
-        error: DirectoryError,
-    },
-}
+pub type LoadError = crate::refresh::LoadError<DirectoryError>;
 
-impl LoadError {
-    /// A short stable name for metrics and log de-duplication.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Self::File { .. } => "file_unreadable",
-            Self::Http { source, .. } if source.is_timeout() => "timeout",
-            Self::Http { source, .. } if source.is_status() => "http_status",
-            Self::Http { .. } => "unreachable",
-            Self::Invalid {
-                error: DirectoryError::Format(_),
-                ..
-            } => "invalid_json",
-            Self::Invalid {
-                error: DirectoryError::BadId(_),
-                ..
-            } => "bad_id",
-            Self::Invalid {
-                error: DirectoryError::DuplicateId(_),
-                ..
-            } => "duplicate_id",
-            Self::Invalid {
-                error: DirectoryError::BadKey { .. },
-                ..
-            } => "bad_key",
+impl crate::refresh::Document for Directory {
+    type Error = DirectoryError;
+    const WHAT: &'static str = "agent directory (CentOps)";
+
+    fn parse(bytes: &[u8]) -> Result<Self, DirectoryError> {
+        Directory::from_centops_json(bytes)
+    }
+
+    fn error_kind(error: &DirectoryError) -> &'static str {
+        match error {
+            DirectoryError::Format(_) => "invalid_json",
+            DirectoryError::BadId(_) => "bad_id",
+            DirectoryError::DuplicateId(_) => "duplicate_id",
+            DirectoryError::BadKey { .. } => "bad_key",
         }
     }
 }
 
-fn is_url(source: &str) -> bool {
-    source.starts_with("http://") || source.starts_with("https://")
-}
-
-fn file_path(source: &str) -> &str {
-    source.strip_prefix("file://").unwrap_or(source)
+/// A stable name for a failed load (metric label).
+pub fn failure_kind(e: &LoadError) -> &'static str {
+    e.kind(<Directory as crate::refresh::Document>::error_kind)
 }
 
 /// Fetches and parses the directory from `source` (URL or path).
 pub async fn load(source: &str, timeout: Duration) -> Result<Directory, LoadError> {
-    let bytes = if is_url(source) {
-        let http = |e| LoadError::Http {
-            url: source.to_owned(),
-            source: e,
-        };
-        let client = reqwest::Client::builder().timeout(timeout).build().map_err(http)?;
-        let response = client
-            .get(source)
-            .send()
-            .await
-            .and_then(|r| r.error_for_status())
-            .map_err(http)?;
-        response.bytes().await.map_err(http)?.to_vec()
-    } else {
-        let path = file_path(source);
-        tokio::fs::read(path).await.map_err(|e| LoadError::File {
-            path: path.to_owned(),
-            source: e,
-        })?
-    };
-    Directory::from_centops_json(&bytes).map_err(|error| LoadError::Invalid {
-        source_name: source.to_owned(),
-        error,
-    })
+    crate::refresh::load(source, timeout).await
 }
 
 /// `CENTOPS_CONFIGURATION_CRON_TIME` is not a cron expression.
@@ -209,109 +146,36 @@ pub fn session_update(agent_id: &str, sent: &Directory, now: &Directory) -> Sess
     SessionUpdate::Push(changes)
 }
 
-/// Counts and logs a failed load; returns its kind. Repeats of the same kind only at debug level.
-fn report_failure(core: &Core, e: &LoadError, last_failure: Option<&'static str>) -> &'static str {
-    let kind = e.kind();
-    core.metrics.centops_failures.with_label_values(&[kind]).inc();
-    core.metrics.directory_refresh_failing.set(1);
-    if last_failure == Some(kind) {
-        tracing::debug!(kind, error = %e, "CentOps still failing");
-    } else if core.directory.is_loaded() {
-        tracing::error!(kind, error = %e, "CentOps refresh failed; keeping the last good directory");
-    } else {
-        tracing::error!(kind, error = %e, "cannot load the agent directory from CentOps yet; agents are refused until it loads (retrying)");
-    }
-    kind
-}
+/// The directory as a refreshed document: where it comes from, what a load updates.
+pub(crate) struct DirectoryTarget(pub Arc<Core>);
 
-fn record_success(core: &Core) {
-    core.metrics.directory_refresh_failing.set(0);
-    core.metrics.directory_last_success.set(chrono::Utc::now().timestamp());
-}
+impl crate::refresh::Target for DirectoryTarget {
+    type Doc = Directory;
 
-/// Longest pause between two attempts at the first load.
-const FIRST_LOAD_MAX_PAUSE: Duration = Duration::from_secs(30);
+    fn source(&self) -> &str {
+        &self.0.cfg.centops_configuration_url
+    }
 
-/// Loads the directory until it succeeds (exponential backoff with jitter, 0.5 s up to 30 s) or
-/// `stop`. Returns the last failure kind, for the refresh loop's log de-duplication.
-async fn load_first(core: &Core, source: &str, timeout: Duration, stop: &CancellationToken) -> Option<&'static str> {
-    use backon::BackoffBuilder as _;
-    let mut pauses = backon::ExponentialBuilder::new()
-        .with_jitter()
-        .with_min_delay(Duration::from_millis(500))
-        .with_max_delay(FIRST_LOAD_MAX_PAUSE)
-        .without_max_times()
-        .build();
-    let mut last_failure = None;
-    loop {
-        match load(source, timeout).await {
-            Ok(directory) => {
-                tracing::info!(agents = directory.len(), source, "agent directory loaded");
-                record_success(core);
-                apply(core, directory).await;
-                return last_failure;
-            }
-            Err(e) => last_failure = Some(report_failure(core, &e, last_failure)),
-        }
-        let pause = pauses.next().unwrap_or(FIRST_LOAD_MAX_PAUSE);
-        tokio::select! {
-            () = stop.cancelled() => return last_failure,
-            () = tokio::time::sleep(pause) => {}
-        }
+    fn is_loaded(&self) -> bool {
+        self.0.directory.is_loaded()
     }
-}
 
-/// Refreshes the directory until `stop`: on the cron schedule, and for a file source when it changes.
-/// If no directory was loaded at start, first retries until one loads.
-pub async fn run_refresh(core: Arc<Core>, schedule: croner::Cron, stop: CancellationToken) {
-    let source = core.cfg.centops_configuration_url.clone();
-    let timeout = Duration::from_millis(core.cfg.centops_request_timeout_ms);
-    let mut last_failure: Option<&'static str> = None;
-    if !core.directory.is_loaded() {
-        last_failure = load_first(&core, &source, timeout, &stop).await;
+    async fn apply(&self, next: Directory) {
+        apply(&self.0, next).await;
     }
-    let poll = (!is_url(&source) && core.cfg.centops_file_poll_interval_ms > 0)
-        .then(|| Duration::from_millis(core.cfg.centops_file_poll_interval_ms));
-    let mut last_stamp = file_stamp(&source).await;
-    loop {
-        let now = chrono::Utc::now();
-        let until_cron = schedule
-            .find_next_occurrence(&now, false)
-            .ok()
-            .and_then(|next| (next - now).to_std().ok())
-            .unwrap_or(Duration::from_secs(60));
-        let wait = poll.map_or(until_cron, |p| p.min(until_cron));
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(wait) => {}
-        }
-        let due = wait == until_cron;
-        if !due {
-            let stamp = file_stamp(&source).await;
-            if stamp == last_stamp {
-                continue;
-            }
-            last_stamp = stamp;
-        }
-        match load(&source, timeout).await {
-            Ok(next) => {
-                if let Some(kind) = last_failure.take() {
-                    tracing::info!(previous_failure = kind, "CentOps configuration usable again");
-                }
-                record_success(&core);
-                apply(&core, next).await;
-            }
-            Err(e) => last_failure = Some(report_failure(&core, &e, last_failure)),
-        }
-    }
-}
 
-async fn file_stamp(source: &str) -> Option<(SystemTime, u64)> {
-    if is_url(source) {
-        return None;
+    fn failed(&self, kind: &'static str) {
+        self.0.metrics.centops_failures.with_label_values(&[kind]).inc();
+        self.0.metrics.directory_refresh_failing.set(1);
     }
-    let meta = tokio::fs::metadata(file_path(source)).await.ok()?;
-    Some((meta.modified().ok()?, meta.len()))
+
+    fn succeeded(&self) {
+        self.0.metrics.directory_refresh_failing.set(0);
+        self.0
+            .metrics
+            .directory_last_success
+            .set(chrono::Utc::now().timestamp());
+    }
 }
 
 /// Puts `next` in force and declares queues for added agents. Sessions see the change themselves

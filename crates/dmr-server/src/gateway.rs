@@ -129,6 +129,9 @@ impl AgentGateway for Gateway {
         request: Request<Streaming<SessionRequest>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
         let agent_id = self.authenticate(&request)?;
+        if let Err(refusal) = self.core.admit_session(&agent_id) {
+            return Err(Status::resource_exhausted(refusal.describe()));
+        }
         let (tx, rx) = mpsc::channel(OUTBOUND_BUFFER);
         let transport = Arc::new(GrpcTransport {
             tx,

@@ -18,8 +18,12 @@ pub fn router(core: Arc<Core>) -> Router {
         .route("/metrics", get(metrics))
         .route("/health", get(health))
         .route("/ready", get(ready))
-        .with_state(core)
+        .with_state(core.clone())
         .layer(socket_io)
+        .layer(axum::middleware::from_fn_with_state(
+            core,
+            crate::legacy::limit_connects,
+        ))
 }
 
 async fn metrics(State(core): State<Arc<Core>>) -> impl IntoResponse {
@@ -60,6 +64,7 @@ async fn ready(State(core): State<Arc<Core>>) -> impl IntoResponse {
             "broker": {"engine": engine.as_str(), "ready": broker_ready},
             "rabbitmq": rabbitmq,
             "directoryLoaded": core.directory.is_loaded(),
+            "policy": {"configured": core.cfg.policy.url.is_some(), "loaded": core.policy.is_loaded(), "refreshFailing": core.metrics.policy_refresh_failing.get() == 1},
             "shuttingDown": core.stop.is_cancelled(),
             "directoryAgents": agents,
             "directoryRefreshFailing": core.metrics.directory_refresh_failing.get() == 1,

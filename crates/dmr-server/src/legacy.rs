@@ -205,23 +205,70 @@ async fn handshake(
     let token = token_of(&socket, auth.as_ref().ok());
     let outcome = match authenticate(&core, token).await {
         Err((agent_id, refusal)) => Handshake::Refused(agent_id, refusal),
-        Ok(agent) => match core
-            .broker
-            .remember_legacy_token(&agent.agent_id, &agent.record, core.cfg.legacy.last_token_ttl_ms)
-            .await
-        {
-            Ok(()) => Handshake::Accepted(agent.agent_id),
-            Err(e) => Handshake::Refused(
-                Some(agent.agent_id),
-                Refusal::new(
-                    "token_state_unavailable",
-                    format!("cannot record the session now ({e}); reconnect"),
+        Ok(agent) => match admit(&core, &agent.agent_id).await {
+            Err(refusal) => Handshake::Refused(Some(agent.agent_id), refusal),
+            Ok(()) => match core
+                .broker
+                .remember_legacy_token(&agent.agent_id, &agent.record, core.cfg.legacy.last_token_ttl_ms)
+                .await
+            {
+                Ok(()) => Handshake::Accepted(agent.agent_id),
+                Err(e) => Handshake::Refused(
+                    Some(agent.agent_id),
+                    Refusal::new(
+                        "token_state_unavailable",
+                        format!("cannot record the session now ({e}); reconnect"),
+                    ),
                 ),
-            ),
+            },
         },
     };
     socket.extensions.insert(outcome);
     Ok(())
+}
+
+/// The session limits for an authenticated legacy agent (`LIMIT_SESSIONS`,
+/// `LIMIT_SESSION_OPENS_PER_MINUTE`).
+async fn admit(core: &Core, agent_id: &str) -> Result<(), Refusal> {
+    core.admit_session(agent_id)
+        .map_err(|refusal| Refusal::new(refusal.label(), refusal.describe()))
+}
+
+/// In front of the Socket.IO edge: refuses a new engine.io connection (a request on the Socket.IO
+/// path without a session id) from an address over `LIMIT_SOCKET_CONNECTS_PER_MINUTE`, with 429 and
+/// `Retry-After`, before any handshake work; socket.io-client retries with its back-off.
+pub(crate) async fn limit_connects(
+    axum::extract::State(core): axum::extract::State<Arc<Core>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let opens_connection = request.uri().path().starts_with("/socket.io")
+        && !request
+            .uri()
+            .query()
+            .is_some_and(|q| q.split('&').any(|pair| pair.starts_with("sid=")));
+    let address = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|info| info.0.ip());
+    if let (true, Some(address)) = (opens_connection, address)
+        && let Err(wait) = core.limits.socket_connect(&core.cfg.policy, address)
+    {
+        core.metrics
+            .limit_refusals
+            .with_label_values(&["unknown", "socket_connects"])
+            .inc();
+        tracing::warn!(%address, "Socket.IO connection attempt refused: over LIMIT_SOCKET_CONNECTS_PER_MINUTE");
+        let seconds = wait.as_secs().max(1).to_string();
+        return (
+            axum::http::StatusCode::TOO_MANY_REQUESTS,
+            [(axum::http::header::RETRY_AFTER, seconds)],
+            "too many Socket.IO connection attempts from this address (LIMIT_SOCKET_CONNECTS_PER_MINUTE); retry later\n",
+        )
+            .into_response();
+    }
+    next.run(request).await
 }
 
 /// Registers the event handlers at once (before anything can arrive), then runs the session.
@@ -364,6 +411,8 @@ impl Transport for SocketTransport {
             SendOutcome::Backlogged { depth, .. } => {
                 json!({"status": "error", "error": crate::router::backlog_detail(*depth)})
             }
+            SendOutcome::Forbidden(reason) => json!({"status": "error", "error": reason}),
+            SendOutcome::OverLimit(over) => json!({"status": "error", "error": over.describe()}),
         };
         let _ = ack.send(&answer);
     }

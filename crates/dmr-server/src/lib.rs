@@ -17,7 +17,10 @@ pub mod directory;
 pub(crate) mod gateway;
 pub(crate) mod http;
 pub(crate) mod legacy;
+pub mod limits;
 pub mod metrics;
+pub mod policy;
+pub(crate) mod refresh;
 pub(crate) mod router;
 pub(crate) mod session;
 pub mod tls;
@@ -82,6 +85,10 @@ pub struct Core {
     pub metrics: Arc<Metrics>,
     /// Cancelled at shutdown; parent of every session's token.
     pub stop: CancellationToken,
+    /// The relay policy in force (`POLICY_URL`).
+    pub policy: policy::PolicyHandle,
+    /// Per-agent and per-address limiters (`LIMIT_*`).
+    pub limits: limits::Limits,
     /// Recent queue depths, for `MESSAGE_QUEUE_MAX_DEPTH`.
     pub(crate) backlog: backlog::BacklogCap,
     /// Every session task: shutdown waits for them (within the grace period) before the broker
@@ -96,6 +103,8 @@ pub enum NotAdmitted {
     ShuttingDown,
     /// No directory was loaded yet: agents cannot be authenticated.
     DirectoryNotLoaded,
+    /// A relay policy is configured but has not loaded yet: sends cannot be checked.
+    PolicyNotLoaded,
 }
 
 impl NotAdmitted {
@@ -104,6 +113,7 @@ impl NotAdmitted {
         match self {
             Self::ShuttingDown => "shutting_down",
             Self::DirectoryNotLoaded => "directory_not_loaded",
+            Self::PolicyNotLoaded => "policy_not_loaded",
         }
     }
 
@@ -112,6 +122,7 @@ impl NotAdmitted {
         match self {
             Self::ShuttingDown => "server shutting down; connect to another instance",
             Self::DirectoryNotLoaded => "the server has not loaded the agent directory from CentOps yet; retry shortly",
+            Self::PolicyNotLoaded => "the server has not loaded its relay policy (POLICY_URL) yet; retry shortly",
         }
     }
 }
@@ -123,9 +134,31 @@ impl Core {
             Err(NotAdmitted::ShuttingDown)
         } else if !self.directory.is_loaded() {
             Err(NotAdmitted::DirectoryNotLoaded)
+        } else if !self.policy.is_loaded() {
+            Err(NotAdmitted::PolicyNotLoaded)
         } else {
             Ok(())
         }
+    }
+
+    /// Whether authenticated `agent_id` may open a session here now (`LIMIT_SESSIONS`,
+    /// `LIMIT_SESSION_OPENS_PER_MINUTE`); a refusal is counted.
+    pub fn admit_session(&self, agent_id: &str) -> Result<(), limits::SessionRefusal> {
+        let replaces = self.sessions.is_connected(agent_id);
+        self.limits
+            .open_session(&self.cfg.policy, agent_id, self.sessions.len(), replaces)
+            .inspect_err(|refusal| {
+                self.metrics
+                    .limit_refusals
+                    .with_label_values(&[agent_id, refusal.label()])
+                    .inc();
+                tracing::warn!(
+                    agent_id,
+                    limit = refusal.label(),
+                    "agent session refused: {}",
+                    refusal.describe()
+                );
+            })
     }
 
     /// Ready to serve: RabbitMQ connected and a directory loaded (`/ready` and `grpc.health.v1`).
@@ -176,13 +209,17 @@ impl Server {
                 DirectoryHandle::new(initial)
             }
             Err(e) => {
-                tracing::error!(kind = e.kind(), error = %e, "cannot load the agent directory from CentOps; starting anyway, not ready and refusing agents until it loads");
-                metrics.centops_failures.with_label_values(&[e.kind()]).inc();
+                let kind = directory::failure_kind(&e);
+                tracing::error!(kind, error = %e, "cannot load the agent directory from CentOps; starting anyway, not ready and refusing agents until it loads");
+                metrics.centops_failures.with_label_values(&[kind]).inc();
                 metrics.directory_refresh_failing.set(1);
                 DirectoryHandle::not_loaded()
             }
         };
+        let policy = load_policy(&cfg, &metrics).await;
         let core = Arc::new(Core {
+            policy,
+            limits: limits::Limits::default(),
             broker,
             cfg,
             directory,
@@ -231,7 +268,24 @@ impl Server {
             tls,
             schedule,
         } = self;
-        let refresher = tokio::spawn(directory::run_refresh(core.clone(), schedule, core.stop.clone()));
+        let refresh_schedule = |cron| refresh::Schedule {
+            cron,
+            timeout: Duration::from_millis(core.cfg.centops_request_timeout_ms),
+            file_poll: (core.cfg.centops_file_poll_interval_ms > 0)
+                .then(|| Duration::from_millis(core.cfg.centops_file_poll_interval_ms)),
+        };
+        let refresher = tokio::spawn(refresh::run(
+            directory::DirectoryTarget(core.clone()),
+            refresh_schedule(schedule.clone()),
+            core.stop.clone(),
+        ));
+        let policy_refresher = core.cfg.policy.url.is_some().then(|| {
+            tokio::spawn(refresh::run(
+                policy::PolicyTarget(core.clone()),
+                refresh_schedule(schedule),
+                core.stop.clone(),
+            ))
+        });
         let broker_stop = CancellationToken::new();
         let broker_task = tokio::spawn(core.broker.clone().run(
             topology_source(&core),
@@ -294,6 +348,9 @@ impl Server {
         broker_stop.cancel();
         let _ = tokio::time::timeout(CLOSE_MARGIN, broker_task).await;
         let _ = refresher.await;
+        if let Some(policy_refresher) = policy_refresher {
+            let _ = policy_refresher.await;
+        }
         health_task.abort();
         let Some((grpc_result, http_result, ())) = results else {
             tracing::warn!("connections still open after the grace period; exiting");
@@ -303,6 +360,30 @@ impl Server {
         http_result.map_err(StartError::Http)?;
         Ok(())
     }
+}
+
+/// The relay policy at start: allow-all without `POLICY_URL`; otherwise loaded once here (a failure
+/// is not fatal: the server starts not ready and the refresher keeps trying).
+async fn load_policy(cfg: &ServerConfig, metrics: &Metrics) -> policy::PolicyHandle {
+    let Some(source) = cfg.policy.url.as_deref() else {
+        return policy::PolicyHandle::new(false);
+    };
+    let handle = policy::PolicyHandle::new(true);
+    let timeout = Duration::from_millis(cfg.centops_request_timeout_ms);
+    match refresh::load::<dmr::policy::Policy>(source, timeout).await {
+        Ok(loaded) => {
+            tracing::info!(rules = loaded.rule_count(), source, "relay policy loaded");
+            metrics.policy_rules.set(loaded.rule_count() as i64);
+            handle.replace(loaded);
+        }
+        Err(e) => {
+            let kind = e.kind(<dmr::policy::Policy as refresh::Document>::error_kind);
+            tracing::error!(kind, error = %e, "cannot load the relay policy; starting anyway, not ready and refusing agents until it loads");
+            metrics.policy_failures.with_label_values(&[kind]).inc();
+            metrics.policy_refresh_failing.set(1);
+        }
+    }
+    handle
 }
 
 /// Time allowed beyond the grace period for connections and the broker to close.
@@ -375,10 +456,11 @@ fn grpc_server(
 }
 
 /// Keeps `grpc.health.v1` in step with `/ready`: SERVING only while RabbitMQ is connected, the
-/// directory is loaded and the server is not shutting down.
+/// directory (and a configured relay policy) is loaded and the server is not shutting down.
 async fn follow_readiness(core: Arc<Core>, reporter: tonic_health::server::HealthReporter) {
     let mut broker = core.broker.ready();
     let mut directory = core.directory.watch_loaded();
+    let mut policy = core.policy.watch_loaded();
     loop {
         // Shutting down is part of `is_ready`: the last pass reports NOT_SERVING.
         let status = if core.is_ready() {
@@ -396,6 +478,7 @@ async fn follow_readiness(core: Arc<Core>, reporter: tonic_health::server::Healt
         tokio::select! {
             r = broker.changed() => if r.is_err() { return },
             r = directory.changed() => if r.is_err() { return },
+            r = policy.changed() => if r.is_err() { return },
             () = core.stop.cancelled() => {}
         }
     }

@@ -78,6 +78,17 @@ pub struct Metrics {
     /// TCP connections on the gRPC port that closed or stalled before a TLS ClientHello (port
     /// probes, load-balancer checks): not authentication failures.
     pub tls_probes: IntCounter,
+    /// Sends refused by the relay policy, by sender and recipient.
+    pub policy_refusals: IntCounterVec,
+    /// Sends, sessions and connection attempts refused by a limit, by agent id ("unknown" for a
+    /// Socket.IO connection attempt, which has none yet) and limit.
+    pub limit_refusals: IntCounterVec,
+    /// Failed relay-policy loads by kind.
+    pub policy_failures: IntCounterVec,
+    /// 1 while the last relay-policy load failed (the last good policy stays in force).
+    pub policy_refresh_failing: IntGauge,
+    /// Rules in the relay policy in force.
+    pub policy_rules: IntGauge,
 }
 
 fn latency_buckets() -> Vec<f64> {
@@ -264,6 +275,26 @@ impl Metrics {
                 "dmr_tls_probe_connections_total",
                 "Connections to the gRPC port that never started TLS (probes, health checks)"
             )),
+            policy_refusals: reg!(counter_vec(
+                "dmr_policy_refusals_total",
+                "Sends refused by the relay policy (POLICY_URL), by sender and recipient; nothing was queued",
+                &["sender_id", "recipient_id"]
+            )),
+            limit_refusals: reg!(counter_vec(
+                "dmr_limit_refusals_total",
+                "Sends, sessions and Socket.IO connection attempts refused by a limit (LIMIT_*), by agent and limit",
+                &["agent_id", "limit"]
+            )),
+            policy_failures: reg!(counter_vec(
+                "dmr_policy_refresh_failures_total",
+                "Failed loads of the relay policy (POLICY_URL), by kind; the last good policy stays in force",
+                &["kind"]
+            )),
+            policy_refresh_failing: reg!(gauge(
+                "dmr_policy_refresh_failing",
+                "1 while the last load of the relay policy failed"
+            )),
+            policy_rules: reg!(gauge("dmr_policy_rules", "Rules in the relay policy in force")),
             registry,
         };
         for kind in Self::CENTOPS_FAILURE_KINDS {

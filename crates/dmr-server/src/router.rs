@@ -1,7 +1,9 @@
-//! Routing shared by every transport: validating and queueing an agent's send, and recording
-//! validation failures.
+//! Routing shared by every transport: admitting an agent's send (its limits, then validation, then
+//! the relay policy), queueing it, and recording validation failures.
 //!
 //! **Invariants:**
+//! - a send over one of its agent's limits is refused before anything else is done with it, and a
+//!   send the relay policy refuses is never queued (neither is recorded as a validation failure);
 //! - a send is answered "accepted" only after RabbitMQ confirmed the publish;
 //! - a send is queued in the order the session handed it over (publish frames are written in
 //!   order; only the confirms are awaited concurrently);
@@ -9,6 +11,7 @@
 
 use crate::Core;
 use crate::broker::{BrokerError, Rejection};
+use crate::limits::{LimitExceeded, SendLimits};
 use dmr::MessageError;
 use dmr::envelope::{self, Envelope, ValidationContext, ValidationFailure};
 use serde_json::Value;
@@ -25,6 +28,10 @@ pub enum SendOutcome {
     Unavailable(String),
     /// Handed to the broker, but the confirmation was lost: it may or may not be queued.
     Unknown(String),
+    /// Not queued: the relay policy does not let the sender send to this recipient (the reason).
+    Forbidden(String),
+    /// Not queued: over one of the sender's limits.
+    OverLimit(LimitExceeded),
     /// Not queued: the recipient's queue holds `depth` messages, at `MESSAGE_QUEUE_MAX_DEPTH`.
     Backlogged {
         /// Messages waiting for the recipient.
@@ -49,8 +56,13 @@ impl SendOutcome {
             Self::Unavailable(detail) => (SendStatus::Unavailable, vec![], detail.clone()),
             Self::Unknown(detail) => (SendStatus::Unknown, vec![], detail.clone()),
             Self::Backlogged { depth, retry_after } => {
-                retry_after_ms = u32::try_from(retry_after.as_millis()).unwrap_or(u32::MAX);
+                retry_after_ms = millis(*retry_after);
                 (SendStatus::RecipientBacklogged, vec![], backlog_detail(*depth))
+            }
+            Self::Forbidden(reason) => (SendStatus::PermissionDenied, vec![], reason.clone()),
+            Self::OverLimit(over) => {
+                retry_after_ms = over.retry_after().map_or(0, millis);
+                (SendStatus::ResourceExhausted, vec![], over.describe())
             }
         };
         SendResult {
@@ -61,6 +73,10 @@ impl SendOutcome {
             retry_after_ms,
         }
     }
+}
+
+fn millis(d: std::time::Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX).max(1)
 }
 
 /// What a sender is told when the recipient's queue is at its cap.
@@ -78,9 +94,47 @@ pub enum SendBody {
     Proto(dmr::proto::Envelope),
 }
 
-/// Validates `body` from `agent_id` and starts publishing it. The returned future resolves to the
-/// outcome; the publish frame itself is written before this function returns, which keeps order.
-pub async fn start_send(core: &Arc<Core>, agent_id: &str, body: SendBody) -> impl Future<Output = SendOutcome> + use<> {
+impl SendBody {
+    /// The payload's size in bytes, as far as it can be told before validation.
+    fn payload_len(&self) -> usize {
+        match self {
+            Self::Json(raw) => raw.get("payload").and_then(Value::as_str).map_or(0, str::len),
+            Self::Proto(e) => e.payload.len(),
+        }
+    }
+}
+
+/// `agent_id`'s send limits now: the global settings with the relay policy's overrides.
+pub fn send_limits(core: &Core, agent_id: &str) -> SendLimits {
+    SendLimits::resolve(
+        &core.cfg.policy,
+        core.cfg.message_max_payload_bytes,
+        core.policy.current().limits_for(agent_id),
+    )
+}
+
+/// Counts and logs a send refused by a limit.
+pub fn over_limit(core: &Core, agent_id: &str, over: LimitExceeded) -> SendOutcome {
+    core.metrics
+        .limit_refusals
+        .with_label_values(&[agent_id, over.label()])
+        .inc();
+    tracing::debug!(agent_id, limit = over.label(), "send refused: over a limit");
+    SendOutcome::OverLimit(over)
+}
+
+/// Validates `body` from `agent_id` (after its rate and size limits) and starts publishing it. The
+/// returned future resolves to the outcome; the publish frame itself is written before this function
+/// returns, which keeps order.
+pub async fn start_send(
+    core: &Arc<Core>,
+    agent_id: &str,
+    limits: &SendLimits,
+    body: SendBody,
+) -> impl Future<Output = SendOutcome> + use<> {
+    if let Err(over) = core.limits.take_send(agent_id, limits, body.payload_len()) {
+        return futures::future::Either::Left(futures::future::ready(over_limit(core, agent_id, over)));
+    }
     let validated = {
         let directory = core.directory.current();
         let known = |id: &str| directory.contains(id);
@@ -97,6 +151,21 @@ pub async fn start_send(core: &Arc<Core>, agent_id: &str, body: SendBody) -> imp
         }
     };
     let core = core.clone();
+    let validated = match validated {
+        Ok(env) => {
+            if let Err(denied) = core.policy.current().check(&env.sender_id, &env.recipient_id) {
+                let reason = denied.describe(&env.sender_id, &env.recipient_id);
+                core.metrics
+                    .policy_refusals
+                    .with_label_values(&[&env.sender_id, &env.recipient_id])
+                    .inc();
+                tracing::info!(message_id = %env.id, sender_id = %env.sender_id, recipient_id = %env.recipient_id, rule = ?denied.rule, "send refused by the relay policy");
+                return futures::future::Either::Left(futures::future::ready(SendOutcome::Forbidden(reason)));
+            }
+            Ok(env)
+        }
+        Err(invalid) => Err(invalid),
+    };
     let validated = match validated {
         Ok(env) => match core.backlog.over(&core, &env.recipient_id).await {
             Some(depth) => {

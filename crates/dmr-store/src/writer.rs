@@ -445,11 +445,7 @@ impl Writer {
         let mut moved = 0u64;
         for (seq, meta) in entries {
             b.undo.push((queue.to_string(), seq, meta));
-            let Some(raw) = t
-                .messages
-                .remove((queue, seq))
-                .map_err(|x| StoreError::db(&path, x))?
-            else {
+            let Some(raw) = t.messages.remove((queue, seq)).map_err(|x| StoreError::db(&path, x))? else {
                 continue;
             };
             let (_, headers, body) = record::decode(raw.value(), &path)?;

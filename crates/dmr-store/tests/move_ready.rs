@@ -43,8 +43,16 @@ async fn selected_messages_move_to_the_end_of_the_target_with_their_headers_and_
         fill(&s, "dlq", 5).await;
         let listed = s.list("dlq", 10).unwrap();
         let pick = [listed[1].seq, listed[3].seq, 999_999];
-        assert_eq!(s.move_ready("dlq", &pick, Some("q")).await.unwrap(), 2, "the unknown seq is skipped");
-        assert_eq!(bodies(&s.list("dlq", 10).unwrap()), ["m0", "m2", "m4"], "the others stay, in order");
+        assert_eq!(
+            s.move_ready("dlq", &pick, Some("q")).await.unwrap(),
+            2,
+            "the unknown seq is skipped"
+        );
+        assert_eq!(
+            bodies(&s.list("dlq", 10).unwrap()),
+            ["m0", "m2", "m4"],
+            "the others stay, in order"
+        );
         let q = s.list("q", 10).unwrap();
         assert_eq!(bodies(&q), ["already", "m1", "m3"]);
         assert_eq!(q[2].headers.get("i"), Some(&HeaderValue::Int(3)), "headers kept");
@@ -69,7 +77,11 @@ async fn without_a_target_the_selected_messages_are_removed() {
     assert_eq!(s.counts("dlq").unwrap().messages_ready, 2);
     drop(s);
     let s = open(dir.path());
-    assert_eq!(bodies(&s.list("dlq", 10).unwrap()), ["m2", "m3"], "the removal was durable");
+    assert_eq!(
+        bodies(&s.list("dlq", 10).unwrap()),
+        ["m2", "m3"],
+        "the removal was durable"
+    );
 }
 
 #[tokio::test]
@@ -101,9 +113,16 @@ async fn a_message_held_by_a_consumer_is_not_moved_and_a_moved_one_is_delivered_
     let mut held = s.consume("src", 1).unwrap();
     let first = held.next().await.unwrap();
     assert_eq!(first.seq, seqs[0]);
-    assert_eq!(s.move_ready("src", &seqs, Some("dst")).await.unwrap(), 1, "only the ready one");
+    assert_eq!(
+        s.move_ready("src", &seqs, Some("dst")).await.unwrap(),
+        1,
+        "only the ready one"
+    );
     let mut c = s.consume("dst", 0).unwrap();
-    let got = tokio::time::timeout(Duration::from_secs(5), c.next()).await.unwrap().unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), c.next())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(got.body, Bytes::from("m1"));
     // The held one is still the consumer's to settle.
     held.ack(first.seq).await.unwrap();

@@ -5,8 +5,9 @@
 //! 1. the agent gets the whole directory (before any delivery);
 //! 2. the session registers here (replacing an older session of the agent) and is announced to
 //!    the other instances (which close theirs);
-//! 3. while it runs: the agent's sends are validated and published in arrival order, with at most
-//!    [`SENDS_IN_FLIGHT`] awaiting their publisher confirm; its queue is delivered
+//! 3. while it runs: the agent's sends are checked against its limits and the relay policy, validated
+//!    and published in arrival order, with at most `LIMIT_SENDS_IN_FLIGHT` awaiting their publisher
+//!    confirm (see `sends.rs`); its queue is delivered
 //!    ([`crate::delivery`]); directory changes are pushed, and a revocation ends the session;
 //! 4. when it must end (a typed [`CloseReason`]) it drains: no new sends are taken (they are answered
 //!    "unavailable, nothing queued"), a delivery in hand is finished when the server shuts down, and
@@ -36,11 +37,6 @@ use registry::SessionTicket;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
-
-/// Sends from one agent awaiting their publish confirm at once; the session reads no further send
-/// until one is answered (gRPC: HTTP/2 flow control then holds the agent back; Socket.IO: the
-/// adapter's bounded queue fills and further sends get an error ack).
-pub(crate) const SENDS_IN_FLIGHT: usize = 256;
 
 /// Why a session ended. Each transport says it on the wire in its own way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -127,6 +127,11 @@ impl SessionRegistry {
         ids
     }
 
+    /// True when `agent_id` has a live session here.
+    pub fn is_connected(&self, agent_id: &str) -> bool {
+        self.lock().live.contains_key(agent_id)
+    }
+
     /// How many sessions are live.
     pub fn len(&self) -> usize {
         self.lock().live.len()
