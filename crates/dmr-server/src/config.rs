@@ -116,6 +116,9 @@ pub struct ServerConfig {
     #[arg(long, env = "GRPC_MAX_CONCURRENT_STREAMS", default_value_t = 32,
         value_parser = clap::value_parser!(u32).range(1..))]
     pub grpc_max_concurrent_streams: u32,
+    /// The operators' console (`ADMIN_PORT`, `ADMIN_TOKEN_FILE`); off unless `ADMIN_PORT` is set.
+    #[command(flatten)]
+    pub admin: crate::admin::AdminConfig,
 }
 
 /// The Socket.IO edge for legacy TypeScript agents (compat §4).

@@ -9,6 +9,7 @@
 //! **Invariant:** the server is stateless: it stores no message and no configuration on disk, and
 //! never sees a payload in plaintext.
 
+pub mod admin;
 pub(crate) mod backlog;
 pub mod broker;
 pub mod config;
@@ -174,6 +175,8 @@ pub struct Server {
     http: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     schedule: croner::Cron,
+    /// The operators' console's port (`ADMIN_PORT`), when configured.
+    admin: Option<admin::AdminListener>,
 }
 
 async fn bind(host: &str, port: u16) -> Result<TcpListener, StartError> {
@@ -196,6 +199,7 @@ impl Server {
         broker.check_access().await?;
         let grpc = bind(&cfg.bind_address, cfg.grpc_port).await?;
         let http = bind(&cfg.bind_address, cfg.port).await?;
+        let admin = admin::AdminListener::bind(&cfg).await?;
         let directory = match directory::load(
             &cfg.centops_configuration_url,
             Duration::from_millis(cfg.centops_request_timeout_ms),
@@ -235,7 +239,13 @@ impl Server {
             http,
             tls,
             schedule,
+            admin,
         })
+    }
+
+    /// The bound address of the operators' console, when `ADMIN_PORT` is set.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(admin::AdminListener::local_addr)
     }
 
     /// The bound gRPC address.
@@ -267,7 +277,12 @@ impl Server {
             http,
             tls,
             schedule,
+            admin,
         } = self;
+        // The operators' console serves through the drain (operators watch it) and stops before
+        // the broker closes.
+        let admin_stop = CancellationToken::new();
+        let admin_task = admin.map(|a| tokio::spawn(a.serve(core.clone(), admin_stop.clone())));
         let refresh_schedule = |cron| refresh::Schedule {
             cron,
             timeout: Duration::from_millis(core.cfg.centops_request_timeout_ms),
@@ -345,6 +360,13 @@ impl Server {
             joined = everything => Some(joined),
             () = overdue => None,
         };
+        admin_stop.cancel();
+        if let Some(task) = admin_task {
+            let abort = task.abort_handle();
+            if tokio::time::timeout(CLOSE_MARGIN, task).await.is_err() {
+                abort.abort();
+            }
+        }
         broker_stop.cancel();
         let _ = tokio::time::timeout(CLOSE_MARGIN, broker_task).await;
         let _ = refresher.await;

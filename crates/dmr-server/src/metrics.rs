@@ -89,6 +89,12 @@ pub struct Metrics {
     pub policy_refresh_failing: IntGauge,
     /// Rules in the relay policy in force.
     pub policy_rules: IntGauge,
+    /// Admin API requests refused for want of a valid bearer token, by reason.
+    pub admin_auth_refusals: IntCounterVec,
+    /// Operators' actions (replay, purges), by action and outcome (`ok`, `error`).
+    pub admin_actions: IntCounterVec,
+    /// Messages replayed or purged by operators, by action.
+    pub admin_messages: IntCounterVec,
 }
 
 fn latency_buckets() -> Vec<f64> {
@@ -295,6 +301,21 @@ impl Metrics {
                 "1 while the last load of the relay policy failed"
             )),
             policy_rules: reg!(gauge("dmr_policy_rules", "Rules in the relay policy in force")),
+            admin_auth_refusals: reg!(counter_vec(
+                "dmr_admin_auth_refusals_total",
+                "Operators' console (admin API) requests refused for want of a valid bearer token, by reason",
+                &["reason"]
+            )),
+            admin_actions: reg!(counter_vec(
+                "dmr_admin_actions_total",
+                "Operators' actions on queues (replay, purge-dead-letters, purge-validation-failures), by outcome",
+                &["action", "outcome"]
+            )),
+            admin_messages: reg!(counter_vec(
+                "dmr_admin_messages_total",
+                "Messages replayed or purged by operators, by action",
+                &["action"]
+            )),
             registry,
         };
         for kind in Self::CENTOPS_FAILURE_KINDS {

@@ -277,3 +277,34 @@ pub(super) async fn dead_letter(
         .await
         .map_err(store_error("dead-letter", dlq))
 }
+
+/// The operators' console ([`super::admin`]) on the embedded engine.
+impl Embedded {
+    pub(super) fn inspect(&self, queue: &str, limit: usize) -> Result<Vec<super::admin::Inspected>, BrokerError> {
+        Ok(self
+            .list(queue, limit)?
+            .into_iter()
+            .map(|m| super::admin::Inspected {
+                body: m.body,
+                headers: m.headers,
+            })
+            .collect())
+    }
+
+    /// Picks the messages among the first `max` ready ones, then moves them in one transaction.
+    pub(super) async fn move_where(
+        &self,
+        queue: &str,
+        to: Option<&str>,
+        select: super::admin::Select<'_>,
+        max: usize,
+    ) -> Result<u64, BrokerError> {
+        let operation = if to.is_some() { "replay" } else { "purge" };
+        let listed = self.store.list(queue, max).map_err(store_error(operation, queue))?;
+        let seqs: Vec<u64> = listed.iter().filter(|m| select(&m.body)).map(|m| m.seq).collect();
+        self.store
+            .move_ready(queue, &seqs, to)
+            .await
+            .map_err(store_error(operation, queue))
+    }
+}

@@ -20,6 +20,7 @@
 //! While an engine is not ready (RabbitMQ disconnected), every operation fails fast with
 //! [`BrokerError::Unavailable`]; nothing is buffered in memory.
 
+pub mod admin;
 pub mod embedded;
 pub mod rabbitmq;
 

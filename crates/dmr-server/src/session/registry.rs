@@ -41,6 +41,23 @@ struct Live {
     reason: Arc<OnceLock<CloseReason>>,
     recheck: Arc<Notify>,
     transport: &'static str,
+    /// When the session registered (for the operators' console).
+    since: std::time::SystemTime,
+    /// The agent's address, once the transport told it ([`SessionRegistry::set_remote_addr`]).
+    remote_addr: Option<std::net::SocketAddr>,
+}
+
+/// A live session as the operators' console shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionInfo {
+    /// The agent.
+    pub agent_id: String,
+    /// "gRPC" or "Socket.IO".
+    pub transport: &'static str,
+    /// When it registered here.
+    pub since: std::time::SystemTime,
+    /// The agent's address, when known.
+    pub remote_addr: Option<std::net::SocketAddr>,
 }
 
 impl Live {
@@ -74,6 +91,8 @@ impl SessionRegistry {
             reason: reason.clone(),
             recheck: recheck.clone(),
             transport,
+            since: std::time::SystemTime::now(),
+            remote_addr: None,
         };
         if let Some(previous) = inner.live.insert(agent_id.to_owned(), live) {
             tracing::info!(agent_id, "a new connection replaces the agent's previous session");
@@ -125,6 +144,39 @@ impl SessionRegistry {
             .collect();
         ids.sort();
         ids
+    }
+
+    /// Records the address the live session `generation` of `agent_id` comes from.
+    #[allow(
+        dead_code,
+        reason = "for session::run to call after register(), with the address each transport knows"
+    )]
+    pub(crate) fn set_remote_addr(&self, agent_id: &str, generation: u64, addr: std::net::SocketAddr) {
+        if let Some(l) = self
+            .lock()
+            .live
+            .get_mut(agent_id)
+            .filter(|l| l.generation == generation)
+        {
+            l.remote_addr = Some(addr);
+        }
+    }
+
+    /// Every live session, sorted by agent id.
+    pub fn sessions(&self) -> Vec<SessionInfo> {
+        let mut out: Vec<SessionInfo> = self
+            .lock()
+            .live
+            .iter()
+            .map(|(id, l)| SessionInfo {
+                agent_id: id.clone(),
+                transport: l.transport,
+                since: l.since,
+                remote_addr: l.remote_addr,
+            })
+            .collect();
+        out.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
+        out
     }
 
     /// True when `agent_id` has a live session here.

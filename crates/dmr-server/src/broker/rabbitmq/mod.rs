@@ -19,6 +19,7 @@
 //!   channels per connection (`channel_max`, 2,047 by default), and one instance serves thousands of
 //!   agents.
 
+mod admin;
 mod announce;
 mod consumers;
 mod legacy_tokens;

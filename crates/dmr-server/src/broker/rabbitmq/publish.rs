@@ -87,7 +87,7 @@ impl RabbitMq {
             .await
     }
 
-    async fn start_publish_with(
+    pub(super) async fn start_publish_with(
         &self,
         queue: &str,
         body: &[u8],
