@@ -321,3 +321,51 @@ async fn the_console_page_in_chromium_shows_a_connected_agent_and_its_replay_but
     browser.close().await;
     admin.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dmr_admin_lists_agents_and_dead_letters_as_tables_or_json_and_replays_from_the_terminal() {
+    let mut admin = AdminRelay::start(short_ttl).await;
+    let a = admin.relay.a.id.clone();
+    let ids = admin.dead_letters_for_a(2).await;
+    admin.relay.bring_a_back().await;
+    let file = admin.token_file.clone();
+
+    let (ok, out, err) = admin_kit::dmr_admin(&admin, &file, &["agents"]).await;
+    assert!(ok, "{err}");
+    assert!(out.starts_with("AGENT"), "a table: {out}");
+    let row = out.lines().find(|l| l.starts_with(&a)).unwrap_or_default();
+    assert!(
+        row.contains("Agent A") && row.contains("connected") && row.contains("gRPC"),
+        "{out}"
+    );
+
+    let args: Vec<String> = vec!["--json".into(), "dead-letters".into(), a.clone()];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, out, err) = admin_kit::dmr_admin(&admin, &file, &args).await;
+    assert!(ok, "{err}");
+    let view: Value = serde_json::from_str(&out).expect("--json prints the API's JSON");
+    assert_eq!(view["depth"], 2);
+    assert_eq!(view["messages"][1]["id"], ids[1].as_str());
+
+    let args = ["replay", a.as_str(), "--id", ids[1].as_str()];
+    let (ok, out, err) = admin_kit::dmr_admin(&admin, &file, &args).await;
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "replayed 1");
+    let got = admin.relay.sink_a.wait_for(1, WAIT).await;
+    assert_eq!(got[0]["id"], ids[1].as_str());
+
+    let (ok, out, _) = admin_kit::dmr_admin(&admin, &file, &["dead-letters", a.as_str()]).await;
+    assert!(ok);
+    assert!(
+        out.starts_with("1 dead letter(s)") && out.contains(&ids[0]) && out.contains("expired"),
+        "{out}"
+    );
+
+    // A wrong token: refused, and the command says so and fails.
+    let wrong = admin.token_file.with_file_name("wrong-token");
+    std::fs::write(&wrong, "someone:not-the-right-token-at-all\n").unwrap();
+    let (ok, _, err) = admin_kit::dmr_admin(&admin, &wrong, &["agents"]).await;
+    assert!(!ok);
+    assert!(err.contains("401"), "{err}");
+    admin.finish().await;
+}

@@ -14,6 +14,8 @@ pub const TOKEN: &str = "test-admin-token-0123456789";
 pub struct AdminRelay {
     pub relay: Relay,
     pub base: String,
+    /// The server's token file (`ops-test:<TOKEN>`), which `dmr admin --token-file` reads too.
+    pub token_file: std::path::PathBuf,
     /// Holds the token file.
     _dir: tempfile::TempDir,
 }
@@ -36,13 +38,14 @@ impl AdminRelay {
         let relay = Relay::start_with(|cfg| {
             cfg.admin.admin_port = Some(port);
             cfg.admin.admin_bind_address = Some("127.0.0.1".into());
-            cfg.admin.admin_token_file = Some(file);
+            cfg.admin.admin_token_file = Some(file.clone());
             tune(cfg);
         })
         .await;
         Self {
             relay,
             base: format!("http://127.0.0.1:{port}"),
+            token_file: file,
             _dir: dir,
         }
     }
@@ -112,4 +115,24 @@ impl AdminRelay {
     pub async fn finish(self) {
         self.relay.finish().await;
     }
+}
+
+/// Runs `dmr admin --url <console> --token-file <file> <args>`; its exit success, stdout, stderr.
+pub async fn dmr_admin(admin: &AdminRelay, token_file: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let out = tokio::process::Command::new(processes::dmr_binary())
+        .arg("admin")
+        .arg("--url")
+        .arg(&admin.base)
+        .arg("--token-file")
+        .arg(token_file)
+        .args(args)
+        .env("DMR_LOG_FORMAT", "text")
+        .output()
+        .await
+        .expect("dmr admin runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }

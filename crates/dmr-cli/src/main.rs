@@ -1,5 +1,6 @@
 //! The `dmr` binary: thin wrappers that parse configuration and run the libraries.
 
+mod admin;
 mod dev;
 mod logging;
 mod print_env;
@@ -26,6 +27,9 @@ enum Command {
     Pki(PkiArgs),
     /// Run a complete local relay: server, agents A and B, and a sink printing what arrives.
     Dev(dev::DevArgs),
+    /// The operators' console from a terminal: agents, dead letters (list, replay, purge) and
+    /// validation failures, over a server's admin API (ADMIN_PORT).
+    Admin(admin::AdminArgs),
 }
 
 #[derive(clap::Args)]
@@ -68,6 +72,7 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Pki(args) => pki(args)?,
             Command::Dev(args) => dev::run(args, shutdown_signal()).await?,
+            Command::Admin(args) => admin::run(args).await?,
         }
         Ok(())
     })
