@@ -6,7 +6,7 @@ use crate::Core;
 use crate::delivery::DeliveryAnswer;
 use crate::metrics::GRPC_NAMESPACE;
 use crate::router::{SendBody, SendOutcome};
-use crate::session::{self, CloseReason, Gone, Inbound, Transport};
+use crate::session::{self, BadFrame, CloseReason, Gone, Inbound, Transport};
 use dmr::MessageError;
 use dmr::directory::{AgentEntry, Directory};
 use dmr::envelope::Envelope;
@@ -154,8 +154,18 @@ impl AgentGateway for Gateway {
     }
 }
 
+/// Why reading the agent's stream failed: tonic's decoder refusing a frame (too large, or not
+/// protobuf), which the agent is told, or the connection breaking.
+fn frame_error(status: &Status) -> CloseReason {
+    match status.code() {
+        tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => CloseReason::BadFrame(BadFrame::TooLarge),
+        tonic::Code::Internal if status.message().contains("decode") => CloseReason::BadFrame(BadFrame::Undecodable),
+        _ => CloseReason::TransportLost,
+    }
+}
+
 /// The stream's frames as session items: the end of the stream is the agent closing it, an error
-/// a lost connection.
+/// a lost connection or a frame the server cannot read.
 fn inbound(
     core: Arc<Core>,
     frames: Streaming<SessionRequest>,
@@ -168,7 +178,7 @@ fn inbound(
     };
     let items = frames.filter_map(move |frame| {
         let item = match frame {
-            Err(_) => Some(Inbound::Closed(CloseReason::TransportLost)),
+            Err(status) => Some(Inbound::Closed(frame_error(&status))),
             Ok(SessionRequest { frame: None }) => None,
             Ok(SessionRequest {
                 frame: Some(InFrame::Send(send)),
@@ -299,6 +309,13 @@ impl Transport for GrpcTransport {
             CloseReason::Replaced => Status::aborted("session ended: replaced by a newer connection of this agent"),
             CloseReason::Revoked(why) => {
                 Status::permission_denied(format!("agent {} revoked: {}", self.agent_id, why.as_str()))
+            }
+            CloseReason::BadFrame(BadFrame::TooLarge) => Status::resource_exhausted(format!(
+                "a frame over the server's size limit (MESSAGE_MAX_PAYLOAD_BYTES {} and the envelope around it): session ended",
+                self.core.cfg.message_max_payload_bytes
+            )),
+            CloseReason::BadFrame(BadFrame::Undecodable) => {
+                Status::invalid_argument("a frame that is not a valid dmr.v1.SessionRequest: session ended")
             }
             CloseReason::AgentClosed | CloseReason::TransportLost => return,
         };

@@ -52,7 +52,8 @@ pub mod events {
 const INBOUND_QUEUED: usize = 256;
 
 /// How long a shutting-down legacy session waits, after answering its last sends, before it
-/// disconnects the socket (see [`SocketTransport::close`]).
+/// disconnects the socket (see [`SocketTransport::close`]); and a refused socket, after telling the
+/// agent why (see [`refuse`]).
 const FLUSH_BEFORE_DISCONNECT: Duration = Duration::from_millis(500);
 
 /// How long after a legacy session starts a `DECRYPTION_FAILED` is taken for the original agent's
@@ -118,7 +119,7 @@ async fn authenticate(core: &Core, token: Option<String>) -> Result<Authenticate
             "authentication token missing (auth.token or Authorization: Bearer)",
         ),
     ))?;
-    let kid = dmr::token::kid(&token).map_err(|e| (None, Refusal::new("bad_token", e.to_string())))?;
+    let kid = dmr::token::kid(&token).map_err(|e| (None, Refusal::new(e.reason(), e.to_string())))?;
     if let Err(closed) = core.admission() {
         return Err((Some(kid), Refusal::new(closed.reason(), closed.message())));
     }
@@ -129,13 +130,14 @@ async fn authenticate(core: &Core, token: Option<String>) -> Result<Authenticate
             Refusal::new("unknown_agent", format!("agent {kid} is not in the directory")),
         ));
     };
-    let refuse = |reason, e: dmr::token::TokenError| (Some(kid.clone()), Refusal::new(reason, e.to_string()));
-    let claims = dmr::token::verify(&token, &entry.key).map_err(|e| refuse("bad_token", e))?;
+    // Each defect under its own metric reason, so a forged token is told apart from an old one.
+    let refuse = |e: dmr::token::TokenError| (Some(kid.clone()), Refusal::new(e.reason(), e.to_string()));
+    let claims = dmr::token::verify(&token, &entry.key).map_err(refuse)?;
     let record = TokenRecord {
         token_digest: sha256_hex(token.as_bytes()),
         key_digest: sha256_hex(entry.info.authentication_certificate.as_bytes()),
     };
-    let lifetime = dmr::token::lifetime(&claims, chrono::Utc::now().timestamp()).map_err(|e| refuse("bad_token", e))?;
+    let lifetime = dmr::token::lifetime(&claims, chrono::Utc::now().timestamp()).map_err(refuse)?;
     if let dmr::token::Lifetime::Expired(by_secs) = lifetime {
         let legacy = &core.cfg.legacy;
         let within_grace =
@@ -185,7 +187,12 @@ fn refuse(core: &Core, socket: SocketRef, agent_id: Option<String>, refusal: Ref
         events::ERROR,
         &json!({"reason": refusal.reason, "message": refusal.message}),
     );
-    let _ = socket.disconnect();
+    // On the polling transport the reason waits for the client's next poll: disconnecting at once
+    // would drop it. The refused socket has no handlers meanwhile (nothing it sends is read).
+    tokio::spawn(async move {
+        tokio::time::sleep(FLUSH_BEFORE_DISCONNECT).await;
+        let _ = socket.disconnect();
+    });
 }
 
 /// The handshake's outcome, left for [`on_connect`] in the socket's extensions.
