@@ -369,3 +369,44 @@ async fn dmr_admin_lists_agents_and_dead_letters_as_tables_or_json_and_replays_f
     assert!(err.contains("401"), "{err}");
     admin.finish().await;
 }
+
+/// RabbitMQ only (skipped by name on the embedded engine, which has one instance).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_connected_to_another_instance_shows_up_in_any_instances_console() {
+    let admin = AdminRelay::start(|_| {}).await;
+    let (second, base) = admin_kit::second_instance(&admin).await;
+    let a = admin.relay.a.id.clone();
+    let first = admin.agent_row(&a).await;
+    let here = first["sessions"][0]["instance"].as_str().unwrap().to_owned();
+
+    let response = admin
+        .relay
+        .http
+        .get(format!("{base}/api/v1/agents"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let view: Value = response.json().await.unwrap();
+    assert_ne!(view["instance"], here.as_str(), "answered by the second instance");
+    let row = view["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == a.as_str())
+        .unwrap();
+    assert_eq!(
+        row["connected"], true,
+        "A, connected to the first instance, is seen from the second: {row}"
+    );
+    assert_eq!(row["sessions"].as_array().unwrap().len(), 1, "{row}");
+    assert_eq!(row["sessions"][0]["instance"], here.as_str());
+    assert_eq!(row["sessions"][0]["transport"], "gRPC");
+    assert_eq!(row["sessions"][0]["since"], first["sessions"][0]["since"]);
+    assert_eq!(row["dlqDepth"], 0, "and the queues, shared");
+    second.stop.cancel();
+    let mut second = second;
+    let _ = (&mut second.task).await;
+    admin.finish().await;
+}

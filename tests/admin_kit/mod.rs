@@ -136,3 +136,16 @@ pub async fn dmr_admin(admin: &AdminRelay, token_file: &std::path::Path, args: &
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// A second server instance on the same broker and directory as `admin`'s relay, with its own
+/// console; where that console listens.
+pub async fn second_instance(admin: &AdminRelay) -> (RunningServer, String) {
+    let relay = &admin.relay;
+    let centops = relay.pki.dir.path().join("centops.json");
+    let mut cfg = server_config(&relay.pki, &centops, &relay.vf_queue);
+    let port = free_port();
+    cfg.admin.admin_port = Some(port);
+    cfg.admin.admin_bind_address = Some("127.0.0.1".into());
+    cfg.admin.admin_token_file = Some(admin.token_file.clone());
+    (start_server(cfg).await, format!("http://127.0.0.1:{port}"))
+}

@@ -280,9 +280,14 @@ impl Server {
             admin,
         } = self;
         // The operators' console serves through the drain (operators watch it) and stops before
-        // the broker closes.
+        // the broker closes; every instance answers the consoles' "who is connected here".
         let admin_stop = CancellationToken::new();
-        let admin_task = admin.map(|a| tokio::spawn(a.serve(core.clone(), admin_stop.clone())));
+        let instance = admin::instance_name(http.local_addr().ok());
+        let presence_task = tokio::spawn({
+            let (core, instance, stop) = (core.clone(), instance.clone(), admin_stop.clone());
+            async move { admin::serve_presence(&core, instance, stop).await }
+        });
+        let admin_task = admin.map(|a| tokio::spawn(a.serve(core.clone(), instance, admin_stop.clone())));
         let refresh_schedule = |cron| refresh::Schedule {
             cron,
             timeout: Duration::from_millis(core.cfg.centops_request_timeout_ms),
@@ -361,6 +366,7 @@ impl Server {
             () = overdue => None,
         };
         admin_stop.cancel();
+        let _ = tokio::time::timeout(CLOSE_MARGIN, presence_task).await;
         if let Some(task) = admin_task {
             let abort = task.abort_handle();
             if tokio::time::timeout(CLOSE_MARGIN, task).await.is_err() {

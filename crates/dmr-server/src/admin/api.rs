@@ -5,7 +5,9 @@
 use super::auth::Tokens;
 use crate::Core;
 use crate::broker::BrokerError;
-use crate::broker::admin::{DEATH_COUNT, DEATH_QUEUE, DEATH_REASON, DEATH_TIME, Inspected};
+use crate::broker::admin::{
+    DEATH_COUNT, DEATH_QUEUE, DEATH_REASON, DEATH_TIME, Inspected, PresenceNote, PresenceSession,
+};
 use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
@@ -33,21 +35,27 @@ pub struct AdminState {
 }
 
 impl AdminState {
-    /// For `core`, accepting `tokens`.
-    pub fn new(core: Arc<Core>, tokens: Tokens) -> Self {
-        Self {
-            core,
-            tokens,
-            instance: instance_name(),
-        }
+    /// For `core` (named `instance`), accepting `tokens`.
+    pub fn new(core: Arc<Core>, tokens: Tokens, instance: String) -> Self {
+        Self { core, tokens, instance }
     }
 }
 
-/// How this instance is named in the agents table: `HOSTNAME` (the pod's name on Kubernetes) and
-/// the process id.
-fn instance_name() -> String {
-    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
-    format!("{host}/{}", std::process::id())
+/// How long the agents table waits for the other instances' answers (RabbitMQ).
+const PRESENCE_WAIT: std::time::Duration = std::time::Duration::from_millis(300);
+
+/// This instance's sessions, as it tells other instances' consoles.
+pub fn presence_sessions(core: &Core) -> Vec<PresenceSession> {
+    core.sessions
+        .sessions()
+        .into_iter()
+        .map(|s| PresenceSession {
+            agent_id: s.agent_id,
+            transport: s.transport.to_owned(),
+            since: iso_time(s.since),
+            remote_address: s.remote_addr.map(|a| a.to_string()),
+        })
+        .collect()
 }
 
 /// The operator an authenticated request comes from, and from where.
@@ -211,24 +219,35 @@ pub async fn agents(State(state): State<Arc<AdminState>>) -> Json<AgentsView> {
             (e.info.id.to_ascii_lowercase(), view)
         })
         .collect();
-    for s in core.sessions.sessions() {
-        let view = table
-            .entry(s.agent_id.to_ascii_lowercase())
-            .or_insert_with(|| AgentView {
-                id: s.agent_id.clone(),
-                name: String::new(),
-                connected: false,
-                sessions: Vec::new(),
-                queue_depth: None,
-                dlq_depth: None,
+    // This instance's sessions first-hand, the others' from their answers (RabbitMQ).
+    let mut notes = vec![PresenceNote {
+        instance: state.instance.clone(),
+        sessions: presence_sessions(core),
+    }];
+    match core.broker.ask_presence(PRESENCE_WAIT).await {
+        Ok(others) => notes.extend(others.into_iter().filter(|n| n.instance != state.instance)),
+        Err(e) => tracing::warn!(error = %e, "cannot ask the other instances who is connected there"),
+    }
+    for note in notes {
+        for s in note.sessions {
+            let view = table
+                .entry(s.agent_id.to_ascii_lowercase())
+                .or_insert_with(|| AgentView {
+                    id: s.agent_id.clone(),
+                    name: String::new(),
+                    connected: false,
+                    sessions: Vec::new(),
+                    queue_depth: None,
+                    dlq_depth: None,
+                });
+            view.connected = true;
+            view.sessions.push(SessionView {
+                instance: note.instance.clone(),
+                transport: s.transport,
+                since: s.since,
+                remote_address: s.remote_address,
             });
-        view.connected = true;
-        view.sessions.push(SessionView {
-            instance: state.instance.clone(),
-            transport: s.transport.to_owned(),
-            since: iso_time(s.since),
-            remote_address: s.remote_addr.map(|a| a.to_string()),
-        });
+        }
     }
     for view in table.values_mut() {
         view.queue_depth = core.broker.counts(&view.id).await.ok().map(|c| c.messages);

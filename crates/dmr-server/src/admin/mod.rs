@@ -77,15 +77,40 @@ impl AdminListener {
         self.listener.local_addr().ok()
     }
 
-    /// Serves the console until `stop`, then lets requests in progress finish.
-    pub async fn serve(self, core: Arc<Core>, stop: CancellationToken) -> std::io::Result<()> {
+    /// Serves the console until `stop`, then lets requests in progress finish; `instance` is this
+    /// instance's name in the agents table ([`instance_name`]).
+    pub async fn serve(self, core: Arc<Core>, instance: String, stop: CancellationToken) -> std::io::Result<()> {
         if let Some(addr) = self.local_addr() {
             tracing::info!(%addr, "operators' console listening");
         }
         let limits = crate::http::SlowClientLimits::from_config(&core.cfg);
-        let state = Arc::new(api::AdminState::new(core, self.tokens));
+        let state = Arc::new(api::AdminState::new(core, self.tokens, instance));
         crate::http::serve(self.listener, router(state), limits, stop).await
     }
+}
+
+/// How an instance is named in the agents table: its host name (`HOSTNAME`: the pod's name on
+/// Kubernetes) and HTTP port.
+pub fn instance_name(http: Option<SocketAddr>) -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
+    match http {
+        Some(addr) => format!("{host}:{}", addr.port()),
+        None => format!("{host}/{}", std::process::id()),
+    }
+}
+
+/// Answers the other instances' consoles with this instance's sessions (on RabbitMQ; see
+/// [`crate::broker::admin::PresenceNote`]) until `stop`. Runs on every instance, console or not.
+pub async fn serve_presence(core: &Arc<Core>, instance: String, stop: CancellationToken) {
+    let weak = Arc::downgrade(core);
+    let source: crate::broker::admin::PresenceSource = Arc::new(move || crate::broker::admin::PresenceNote {
+        instance: instance.clone(),
+        sessions: weak
+            .upgrade()
+            .map(|core| api::presence_sessions(&core))
+            .unwrap_or_default(),
+    });
+    core.broker.serve_presence(source, stop).await;
 }
 
 /// The console's routes: the page and the OpenAPI document are static; everything under `/api/v1`

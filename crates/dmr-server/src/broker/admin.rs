@@ -67,3 +67,51 @@ impl Broker {
         }
     }
 }
+
+/// One instance's live sessions, as it answers a presence question ([`Broker::ask_presence`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PresenceNote {
+    /// The answering instance's name.
+    pub instance: String,
+    /// Its sessions.
+    pub sessions: Vec<PresenceSession>,
+}
+
+/// A session in a [`PresenceNote`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PresenceSession {
+    /// The agent.
+    pub agent_id: String,
+    /// "gRPC" or "Socket.IO".
+    pub transport: String,
+    /// When it opened (RFC 3339).
+    pub since: String,
+    /// The agent's address, when known.
+    pub remote_address: Option<String>,
+}
+
+/// What this instance answers when asked who is connected here.
+pub type PresenceSource = std::sync::Arc<dyn Fn() -> PresenceNote + Send + Sync>;
+
+impl Broker {
+    /// Answers other instances' presence questions with `source()` until `stop` (RabbitMQ; the
+    /// embedded engine has no other instance, and returns at once). Re-subscribes after each
+    /// reconnection.
+    pub async fn serve_presence(&self, source: PresenceSource, stop: tokio_util::sync::CancellationToken) {
+        match &self.engine {
+            Engine::RabbitMq(r) => r.serve_presence(source, stop).await,
+            Engine::Embedded(_) => {}
+        }
+    }
+
+    /// Asks every instance (this one included) who is connected there, and collects the answers
+    /// that arrive within `wait` (RabbitMQ; nothing on the embedded engine).
+    pub async fn ask_presence(&self, wait: std::time::Duration) -> Result<Vec<PresenceNote>, BrokerError> {
+        match &self.engine {
+            Engine::RabbitMq(r) => r.ask_presence(wait).await,
+            Engine::Embedded(_) => Ok(Vec::new()),
+        }
+    }
+}

@@ -23,6 +23,7 @@ mod admin;
 mod announce;
 mod consumers;
 mod legacy_tokens;
+mod presence;
 mod publish;
 mod supervisor;
 mod topology;
