@@ -200,6 +200,11 @@ pub struct PolicyConfig {
     /// agent over it is told to connect to another instance.
     #[arg(long = "limit-sessions", env = "LIMIT_SESSIONS", default_value_t = 20_000)]
     pub sessions: u32,
+    /// TLS handshakes the gRPC port runs at once (each within TLS_HANDSHAKE_TIMEOUT_MS); further
+    /// connections wait in the listen backlog, so a flood of slow clients cannot exhaust the server.
+    #[arg(long = "limit-tls-handshakes", env = "LIMIT_TLS_HANDSHAKES", default_value_t = 256,
+        value_parser = clap::value_parser!(u32).range(1..))]
+    pub tls_handshakes: u32,
     /// Sessions one agent may open on this instance per minute, sustained (0 = no limit): a
     /// flapping agent must not churn the broker with consumers.
     #[arg(

@@ -315,9 +315,11 @@ impl Server {
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         let health_task = tokio::spawn(follow_readiness(core.clone(), health_reporter));
         let accept_stop = CancellationToken::new();
-        let handshake_timeout = Duration::from_millis(core.cfg.tls_handshake_timeout_ms);
-        let incoming =
-            tls::incoming_with_timeout(grpc, tls, core.metrics.clone(), handshake_timeout, accept_stop.clone());
+        let handshakes = tls::HandshakeLimits {
+            timeout: Duration::from_millis(core.cfg.tls_handshake_timeout_ms),
+            concurrent: core.cfg.policy.tls_handshakes as usize,
+        };
+        let incoming = tls::incoming_with_timeout(grpc, tls, core.metrics.clone(), handshakes, accept_stop.clone());
         let grpc_task = grpc_server(&core, health_service)?
             .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
         // The HTTP port keeps serving until the sessions drained: a legacy agent on the polling

@@ -71,29 +71,48 @@ pub fn server_config(cert: &Path, key: &Path, client_ca: &Path) -> Result<Arc<ru
     Ok(Arc::new(config))
 }
 
-/// TLS handshakes in progress at once; further connections wait in the listen backlog.
-const MAX_CONCURRENT_HANDSHAKES: usize = 256;
+/// The default of `LIMIT_TLS_HANDSHAKES`.
+pub const DEFAULT_CONCURRENT_HANDSHAKES: usize = 256;
 /// At most one warning per this period about refused handshakes; the rest go to debug level.
 const REFUSAL_LOG_PERIOD: Duration = Duration::from_secs(10);
 
 /// The default of `TLS_HANDSHAKE_TIMEOUT_MS`.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// [`incoming_with_timeout`] with [`DEFAULT_HANDSHAKE_TIMEOUT`].
+/// How patient the accept loop is with TLS handshakes.
+#[derive(Debug, Clone, Copy)]
+pub struct HandshakeLimits {
+    /// `TLS_HANDSHAKE_TIMEOUT_MS`: for the first byte, and as long again for the handshake.
+    pub timeout: Duration,
+    /// `LIMIT_TLS_HANDSHAKES`: handshakes in progress at once; further connections wait in the
+    /// listen backlog.
+    pub concurrent: usize,
+}
+
+impl Default for HandshakeLimits {
+    fn default() -> Self {
+        Self {
+            timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            concurrent: DEFAULT_CONCURRENT_HANDSHAKES,
+        }
+    }
+}
+
+/// [`incoming_with_timeout`] with the default [`HandshakeLimits`].
 pub fn incoming(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
-    incoming_with_timeout(listener, config, metrics, DEFAULT_HANDSHAKE_TIMEOUT, stop)
+    incoming_with_timeout(listener, config, metrics, HandshakeLimits::default(), stop)
 }
 
 /// Accepts TCP connections and yields completed TLS sessions; stops when `stop` fires.
 ///
-/// A client has `handshake_timeout` (`TLS_HANDSHAKE_TIMEOUT_MS`) to send its first byte, and as
+/// A client has `limits.timeout` (`TLS_HANDSHAKE_TIMEOUT_MS`) to send its first byte, and as
 /// long again to complete the handshake; then it is disconnected (a slowloris on TLS).
-/// At most [`MAX_CONCURRENT_HANDSHAKES`] handshakes run at once (the permit travels with each
+/// At most `limits.concurrent` (`LIMIT_TLS_HANDSHAKES`) handshakes run at once (the permit travels with each
 /// handshake task), so a flood of slow or hostile clients cannot exhaust the server. A connection
 /// that closes or stays silent without starting TLS (a TCP probe, a load-balancer check) is counted
 /// apart (`dmr_tls_probe_connections_total`) and logged at debug level; refused handshakes are
@@ -102,13 +121,14 @@ pub fn incoming_with_timeout(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
     metrics: Arc<Metrics>,
-    handshake_timeout: Duration,
+    limits: HandshakeLimits,
     stop: CancellationToken,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
     // Bounded: when tonic stops taking connections the accept loop waits instead of piling them up.
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
-    let handshakes = Arc::new(Semaphore::new(MAX_CONCURRENT_HANDSHAKES));
+    let handshakes = Arc::new(Semaphore::new(limits.concurrent.max(1)));
+    let handshake_timeout = limits.timeout;
     let refusals = Arc::new(RefusalLog::default());
     tokio::spawn(async move {
         loop {
