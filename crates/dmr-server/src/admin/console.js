@@ -109,10 +109,13 @@ async function deadLetterAction(action, all) {
 
 function report(e) { $("error").textContent = e.message; }
 
-async function refresh() {
+// Listing a queue takes its messages and returns them (RabbitMQ counts that as a delivery of each):
+// only the agents table (queue depths, no listing) refreshes by itself; dead letters and validation
+// failures are listed when asked for.
+async function refresh(withLists) {
   if (!token()) return;
   try {
-    await Promise.all([refreshAgents(), refreshValidationFailures()]);
+    await Promise.all([refreshAgents(), withLists ? refreshValidationFailures() : Promise.resolve()]);
     $("error").textContent = "";
     $("status").textContent = "updated " + new Date().toLocaleTimeString();
   } catch (e) { report(e); }
@@ -129,7 +132,7 @@ $("login").onsubmit = (event) => {
   sessionStorage.setItem("dmr-admin-token", $("token").value.trim());
   $("token").value = "";
   show();
-  refresh();
+  refresh(true);
 };
 $("replay-selected").onclick = () => deadLetterAction("replay", false).catch(report);
 $("replay-all").onclick = () => deadLetterAction("replay", true).catch(report);
@@ -137,8 +140,9 @@ $("purge-selected").onclick = () => deadLetterAction("purge", false).catch(repor
 $("purge-all").onclick = () => deadLetterAction("purge", true).catch(report);
 $("vf-purge-all").onclick = () => {
   if (!confirm("Delete every validation failure?")) return;
-  api("/api/v1/validation-failures/purge", { all: true }).then(refresh).catch(report);
+  api("/api/v1/validation-failures/purge", { all: true }).then(() => refresh(true)).catch(report);
 };
+$("vf-refresh").onclick = () => refresh(true);
 show();
-refresh();
-setInterval(refresh, 2000);
+refresh(true);
+setInterval(() => refresh(false), 2000);

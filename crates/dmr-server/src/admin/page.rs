@@ -1,7 +1,9 @@
 //! The console's web page: one static HTML page and its script, compiled into the binary and
 //! served by this port (no CDN, nothing fetched from elsewhere; the Content-Security-Policy says
 //! so). The page holds no data: it asks for a token, keeps it in the tab's `sessionStorage`, and
-//! calls the API with it; the agents table refreshes every 2 s.
+//! calls the API with it; the agents table (queue depths only) refreshes every 2 s, while dead
+//! letters and validation failures are listed when asked for: listing takes the messages and
+//! returns them, which RabbitMQ counts as a delivery of each.
 
 use axum::Router;
 use axum::http::header;
