@@ -82,6 +82,8 @@ async fn the_agents_table_shows_who_is_connected_how_and_since_when_with_queue_d
     assert_eq!(row["sessions"][0]["transport"], "gRPC");
     assert!(row["sessions"][0]["since"].as_str().unwrap().ends_with('Z'));
     assert!(row["sessions"][0]["instance"].is_string());
+    let from = row["sessions"][0]["remoteAddress"].as_str().unwrap_or_default();
+    assert!(from.starts_with("127.0.0.1:"), "where the agent connects from: {row}");
     assert_eq!(
         (row["queueDepth"].clone(), row["dlqDepth"].clone()),
         (json!(0), json!(0))

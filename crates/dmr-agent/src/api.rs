@@ -124,7 +124,7 @@ pub(crate) async fn post_message(
     let body = match body {
         Ok(b) => b,
         Err(rejection) => {
-            let status = if crate::serve::is_body_timeout(&rejection) {
+            let status = if dmr_http::is_body_timeout(&rejection) {
                 StatusCode::REQUEST_TIMEOUT
             } else {
                 rejection.status()

@@ -16,7 +16,6 @@ pub mod metrics;
 pub mod openapi;
 pub mod preflight;
 pub mod recent;
-pub mod serve;
 
 use config::AgentConfig;
 use dmr::keys::PrivateKey;
@@ -104,8 +103,16 @@ pub struct Agent {
     api: Arc<api::ApiState>,
     listener: TcpListener,
     max_body: usize,
-    slow_clients: serve::SlowClientLimits,
+    slow_clients: dmr_http::SlowClientLimits,
     shutdown_timeout: Duration,
+}
+
+/// The REST port's limits on slow clients (`HTTP_HEADER_READ_TIMEOUT_MS`, `HTTP_BODY_READ_TIMEOUT_MS`).
+fn slow_client_limits(cfg: &AgentConfig) -> dmr_http::SlowClientLimits {
+    dmr_http::SlowClientLimits {
+        header_read_timeout: Duration::from_millis(cfg.http_header_read_timeout_ms),
+        body_read_timeout: Duration::from_millis(cfg.http_body_read_timeout_ms),
+    }
 }
 
 impl Agent {
@@ -164,7 +171,7 @@ impl Agent {
             api,
             listener,
             max_body: cfg.message_max_bytes,
-            slow_clients: serve::SlowClientLimits::from_config(&cfg),
+            slow_clients: slow_client_limits(&cfg),
             shutdown_timeout: Duration::from_millis(cfg.shutdown_timeout_ms),
         })
     }
@@ -190,7 +197,7 @@ impl Agent {
         let app = api::router(self.api.clone(), self.max_body);
         let listener = self.listener;
         let everything = async {
-            let served = serve::serve(listener, app, self.slow_clients, shutdown.clone()).await;
+            let served = dmr_http::serve(listener, app, self.slow_clients, shutdown.clone()).await;
             link_stop.cancel();
             let _ = link_task.await;
             served

@@ -137,6 +137,7 @@ impl AgentGateway for Gateway {
             tx,
             core: self.core.clone(),
             agent_id: agent_id.clone(),
+            remote: request.remote_addr(),
         });
         let inbound = inbound(self.core.clone(), request.into_inner());
         self.core
@@ -226,6 +227,8 @@ struct GrpcTransport {
     tx: mpsc::Sender<OutItem>,
     core: Arc<Core>,
     agent_id: String,
+    /// The TCP peer, from the TLS connection.
+    remote: Option<std::net::SocketAddr>,
 }
 
 impl GrpcTransport {
@@ -295,6 +298,10 @@ impl Transport for GrpcTransport {
 
     const ANNOUNCES_CLOSE: bool = true;
     const PIPELINES: bool = true;
+
+    fn remote_addr(&self) -> Option<std::net::SocketAddr> {
+        self.remote
+    }
 
     async fn closing(&self, reason: CloseReason) {
         let closing = SessionClosing {

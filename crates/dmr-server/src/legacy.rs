@@ -426,6 +426,14 @@ impl Transport for SocketTransport {
 
     async fn pong(&self, _nonce: u64) {}
 
+    fn remote_addr(&self) -> Option<std::net::SocketAddr> {
+        self.socket
+            .req_parts()
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|info| info.0)
+    }
+
     async fn close(&self, reason: CloseReason) {
         tracing::debug!(reason = reason.as_str(), "closing legacy socket");
         if reason == CloseReason::ShuttingDown {

@@ -329,7 +329,7 @@ impl Server {
         let http_task = http::serve(
             http,
             http::router(core.clone()),
-            http::SlowClientLimits::from_config(&core.cfg),
+            http::slow_client_limits(&core.cfg),
             drained.clone(),
         );
 

@@ -83,7 +83,7 @@ impl AdminListener {
         if let Some(addr) = self.local_addr() {
             tracing::info!(%addr, "operators' console listening");
         }
-        let limits = crate::http::SlowClientLimits::from_config(&core.cfg);
+        let limits = crate::http::slow_client_limits(&core.cfg);
         let state = Arc::new(api::AdminState::new(core, self.tokens, instance));
         crate::http::serve(self.listener, router(state), limits, stop).await
     }

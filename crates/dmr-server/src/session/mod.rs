@@ -173,6 +173,10 @@ pub trait Transport: Send + Sync + 'static {
     fn closing(&self, _reason: CloseReason) -> impl Future<Output = ()> + Send {
         async {}
     }
+    /// Where the agent connects from, if the transport knows (the operators' console shows it).
+    fn remote_addr(&self) -> Option<std::net::SocketAddr> {
+        None
+    }
     /// Ends the connection, telling the agent why where the transport can.
     fn close(&self, reason: CloseReason) -> impl Future<Output = ()> + Send;
     /// For how long after the session starts a `DECRYPTION_FAILED` answer may be a start-up race of
@@ -196,6 +200,9 @@ where
     }
     let registration = Registration::open(&core, &agent_id, T::NAME).await;
     let ticket = &registration.ticket;
+    if let Some(addr) = transport.remote_addr() {
+        core.sessions.set_remote_addr(&agent_id, ticket.generation, addr);
+    }
     let acks = Arc::new(PendingAcks::default());
     let abort = CancellationToken::new();
     let drain = CancellationToken::new();

@@ -147,10 +147,6 @@ impl SessionRegistry {
     }
 
     /// Records the address the live session `generation` of `agent_id` comes from.
-    #[allow(
-        dead_code,
-        reason = "for session::run to call after register(), with the address each transport knows"
-    )]
     pub(crate) fn set_remote_addr(&self, agent_id: &str, generation: u64, addr: std::net::SocketAddr) {
         if let Some(l) = self
             .lock()

@@ -1,7 +1,10 @@
-//! Serving the REST API with limits on slow clients, which `axum::serve` lacks: headers must arrive
-//! within `HTTP_HEADER_READ_TIMEOUT_MS` (a slowloris client is disconnected) and a body within
-//! `HTTP_BODY_READ_TIMEOUT_MS` ([`DeadlineBody`]; `POST /v1/messages` answers 408). The same
-//! shape as the server's HTTP port (`dmr_server::http::serve`); the two crates share no code.
+//! Serving an axum [`Router`] with limits on slow clients, which `axum::serve` lacks: a client must
+//! send its headers within a deadline (a slowloris client is disconnected) and a request body within
+//! another ([`DeadlineBody`]), however slowly it trickles in. The server's HTTP port, its operators'
+//! console and the agent's REST port are served by [`serve`].
+//!
+//! **Invariant:** no connection waits on a client without a deadline, except an upgraded one
+//! (WebSocket), whose protocol has its own keep-alive.
 
 use axum::Router;
 
@@ -15,21 +18,12 @@ pub struct SlowClientLimits {
     pub body_read_timeout: std::time::Duration,
 }
 
-impl SlowClientLimits {
-    /// From the agent's settings.
-    pub fn from_config(cfg: &crate::config::AgentConfig) -> Self {
-        Self {
-            header_read_timeout: std::time::Duration::from_millis(cfg.http_header_read_timeout_ms),
-            body_read_timeout: std::time::Duration::from_millis(cfg.http_body_read_timeout_ms),
-        }
-    }
-}
-
 /// Serves `app` on `listener` until `stop` fires, then lets the connections in progress finish
 /// (idle ones close at once), like `axum::serve(..).with_graceful_shutdown`, plus what
 /// `axum::serve` does not do: a client must send its headers within the header timeout (a
 /// slowloris client is disconnected; hyper answers 408 or closes) and its body within the body
 /// timeout ([`DeadlineBody`]). Header size is hyper's bound (about 400 KB, 100 headers: 431).
+/// Each request carries the peer's `ConnectInfo<SocketAddr>`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
@@ -42,7 +36,8 @@ pub async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout);
-    builder.http2().timer(TokioTimer::new());
+    // CONNECT protocol: WebSockets over HTTP/2 (as axum::serve).
+    builder.http2().timer(TokioTimer::new()).enable_connect_protocol();
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
         let (tcp, peer) = tokio::select! {
@@ -60,7 +55,8 @@ pub async fn serve(
         let app = app.clone();
         let body_timeout = limits.body_read_timeout;
         let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
-            let request = request.map(|body| axum::body::Body::new(DeadlineBody::new(body, body_timeout)));
+            let mut request = request.map(|body| axum::body::Body::new(DeadlineBody::new(body, body_timeout)));
+            request.extensions_mut().insert(axum::extract::ConnectInfo(peer));
             tower::ServiceExt::oneshot(app.clone(), request)
         });
         let connection = builder
