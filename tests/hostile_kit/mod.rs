@@ -9,11 +9,9 @@ pub mod grpc;
 pub mod raw;
 pub mod tokens;
 
-use crate::support::processes::{agent_env, dmr_binary, free_port, server_env};
+use crate::support::processes::{agent_env, free_port, server_env};
 use crate::support::*;
 use dmr_pki::AgentCredentials;
-use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 pub const WAIT: Duration = Duration::from_secs(20);
@@ -30,58 +28,7 @@ pub const MAX_STREAMS: u32 = 32;
 pub const RSS_GROWTH_BOUND_KB: u64 = 100 * 1024;
 
 /// One `dmr` child process, killed when dropped, its stderr in a log file.
-pub struct Proc {
-    pub name: String,
-    log: std::path::PathBuf,
-    child: tokio::process::Child,
-}
-
-impl Proc {
-    fn spawn(name: &str, subcommand: &str, env: &[(String, String)], logs: &Path) -> Self {
-        let log = logs.join(format!("{name}.log"));
-        let file = std::fs::File::create(&log).expect("log file");
-        let mut cmd = tokio::process::Command::new(dmr_binary());
-        cmd.arg(subcommand)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("LOGGER_COLORS", "false")
-            .env("LOGGER_LOG_LEVELS", "error,warn,log")
-            .stdout(Stdio::null())
-            .stderr(file)
-            .kill_on_drop(true);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        Self {
-            name: name.to_owned(),
-            log,
-            child: cmd.spawn().expect("dmr runs"),
-        }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id().expect("the process is running")
-    }
-
-    /// Still running (not exited, not killed).
-    pub fn is_up(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    /// Resident set size, kB (`VmRSS` of `/proc/<pid>/status`).
-    pub fn rss_kb(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("/proc status");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmRSS")
-    }
-
-    pub fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
+pub type Proc = crate::support::processes::DmrProcess;
 
 /// A server and two gRPC agents as processes, A and B, each agent's deliveries going to a sink,
 /// plus credentials of agents listed in the directory but not started: `legacy` (for Socket.IO
