@@ -211,3 +211,32 @@ async fn rfc3339_lowercase_timestamps_are_accepted_and_normalised() {
     assert_eq!(got[0]["timestamp"], json!("2024-01-15T10:30:00.000Z"));
     relay.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_means_a_send_to_any_listed_agent_is_taken() {
+    // /ready answered 200 as soon as the stream opened, before its directory arrived: a send right
+    // after it could be refused with 422 "not a known agent". Each round starts a fresh agent and
+    // sends the moment /ready says 200.
+    let (relay, extra) = Relay::start_full(1, |_| {}).await;
+    let c = &extra[0];
+    let sink = Sink::start().await;
+    for round in 0..10 {
+        let mut agent = start_agent(agent_config(&relay.pki, c, relay.server.grpc, &sink.url)).await;
+        // Polled without pause, to hit the moment it turns ready.
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while !relay
+            .http
+            .get(agent.url("/ready"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
+            assert!(std::time::Instant::now() < deadline, "round {round}: never ready");
+        }
+        let (status, answer) = post(&relay.http, &agent.url("/v1/messages"), &seed_message(&relay.a.id)).await;
+        assert_eq!(status, 200, "round {round}: ready, yet the send was refused: {answer}");
+        agent.shutdown().await;
+    }
+    assert_eq!(relay.sink_a.wait_for(10, Duration::from_secs(20)).await.len(), 10);
+    relay.finish_with(&[c]).await;
+}

@@ -76,7 +76,9 @@ pub async fn attack(
     let done = tokio::time::timeout(give_up, async {
         tokio::select! {
             r = &mut reader => r.ok(),
-            () = writer => None,
+            // The server stopped reading and closed: its answer may still be on its way to the
+            // reader (aborting the reader here lost it, which looked like no answer at all).
+            () = writer => (&mut reader).await.ok(),
         }
     })
     .await;

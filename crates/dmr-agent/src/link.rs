@@ -228,7 +228,9 @@ impl Link {
         };
         let mut inbound = response.into_inner();
         *self.outbound.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(tx.clone());
-        self.connected.send_replace(true);
+        // Connected (`/ready`, `is_connected`) once the stream's directory is in: before that a
+        // send to an agent added since the last stream would be refused as unknown.
+        let mut directory_in = false;
         self.metrics.connection_active.set(1);
         let connected_at = Instant::now();
         tracing::info!(server = %endpoint.uri(), agent_id = %self.cfg.agent_id, "connected to the DMR server");
@@ -261,6 +263,9 @@ impl Link {
                         Err(e) => {
                             tracing::error!(error = %e, "server sent an unusable directory; keeping the previous one")
                         }
+                    }
+                    if !std::mem::replace(&mut directory_in, true) {
+                        self.connected.send_replace(true);
                     }
                 }
                 Some(InFrame::DirectoryUpdate(u)) => {
