@@ -410,6 +410,12 @@ mod tests {
     }
 
     #[test]
+    fn the_kubernetes_base_policy_parses_and_allows_everyone() {
+        let p = Policy::from_json(include_bytes!("../k8s/base/server/relay-policy.json")).unwrap();
+        assert_eq!(p.check(TAX, POLICE), Ok(()));
+    }
+
+    #[test]
     fn a_wrong_document_is_refused_whole_naming_the_place() {
         let unknown = Policy::from_json(br#"{"rules":[{"from":"tax","to":"*","action":"allow"}]}"#).unwrap_err();
         assert!(unknown.to_string().contains("rules[0].from"), "{unknown}");

@@ -96,11 +96,20 @@ impl DmrProcess {
 }
 
 /// A free TCP port on loopback.
+///
+/// Picked at random below Linux's ephemeral range (32768–60999), not by binding port 0: a port the
+/// kernel hands out for port 0 is an ephemeral one, which the outgoing connection of some other test
+/// may take before the child process binds it (a likely cause of a process that never became ready
+/// in a loaded run).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
+    for _ in 0..1000 {
+        let random = uuid::Uuid::new_v4();
+        let port = 20_000 + u16::from_le_bytes([random.as_bytes()[0], random.as_bytes()[1]]) % 12_000;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in 20000-31999")
 }
 
 /// The environment of a `dmr server` process on `ports` (HTTP, gRPC) with `pki`'s certificates, the
