@@ -2,6 +2,7 @@
 //! selected messages with `basic.get` (see [`crate::broker::admin`] for the guarantees).
 
 use super::RabbitMq;
+use super::publish::text;
 use crate::broker::BrokerError;
 use crate::broker::admin::{DEATH_COUNT, DEATH_QUEUE, DEATH_REASON, DEATH_TIME, Inspected, Select};
 use lapin::options::{BasicAckOptions, BasicGetOptions};
@@ -148,18 +149,4 @@ fn headers(table: Option<&FieldTable>) -> BTreeMap<String, String> {
         out.insert(name.to_string(), text(value));
     }
     out
-}
-
-fn text(v: &AMQPValue) -> String {
-    match v {
-        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
-        AMQPValue::ShortString(s) => s.to_string(),
-        AMQPValue::LongUInt(n) => n.to_string(),
-        AMQPValue::LongInt(n) => n.to_string(),
-        AMQPValue::LongLongInt(n) => n.to_string(),
-        AMQPValue::ShortUInt(n) => n.to_string(),
-        AMQPValue::ShortInt(n) => n.to_string(),
-        AMQPValue::Timestamp(n) => n.to_string(),
-        other => format!("{other:?}"),
-    }
 }

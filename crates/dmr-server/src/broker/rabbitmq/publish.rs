@@ -134,8 +134,9 @@ impl RabbitMq {
     }
 }
 
-/// A header value as text (strings as they are, numbers in decimal, others in their debug form).
-fn text(v: &AMQPValue) -> String {
+/// A header value as text (strings as they are, numbers and timestamps in decimal, others in their
+/// debug form).
+pub(super) fn text(v: &AMQPValue) -> String {
     match v {
         AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
         AMQPValue::ShortString(s) => s.to_string(),
@@ -144,6 +145,7 @@ fn text(v: &AMQPValue) -> String {
         AMQPValue::LongLongInt(n) => n.to_string(),
         AMQPValue::ShortUInt(n) => n.to_string(),
         AMQPValue::ShortInt(n) => n.to_string(),
+        AMQPValue::Timestamp(n) => n.to_string(),
         other => format!("{other:?}"),
     }
 }
