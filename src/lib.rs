@@ -7,6 +7,7 @@
 //! - [`directory`]: the CentOps agent list format (compat §7) and key parsing.
 //! - [`token`]: the legacy agents' handshake JWT (compat §4).
 //! - [`policy`]: the relay policy (who may send to whom) and per-agent limit overrides.
+//! - [`receipt`]: delivery receipts signed by the recipient agent (the format only, not wired yet).
 //!
 //! **Invariant:** nothing here opens a socket, spawns a task or reads the environment.
 
@@ -17,6 +18,7 @@ pub mod jose;
 pub mod keys;
 pub mod message;
 pub mod policy;
+pub mod receipt;
 pub mod time;
 pub mod token;
 

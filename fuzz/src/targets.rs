@@ -9,7 +9,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use dmr::directory::{CentOpsResponse, Directory};
 use dmr::envelope::{self, Envelope, ValidationFailure};
 use dmr::keys::{PrivateKey, PublicKey};
-use dmr::{jose, message, policy, proto, time, token};
+use dmr::{jose, message, policy, proto, receipt as receipts, time, token};
 use prost::Message as _;
 use serde_json::{Value, json};
 
@@ -29,6 +29,7 @@ pub const ALL: &[Target] = &[
     ("keys_pem", keys_pem),
     ("timestamp", timestamp),
     ("policy_json", policy_json),
+    ("receipt", receipt),
 ];
 
 /// Inputs longer than this only go through the parsers, not the RSA round trips (which would
@@ -335,5 +336,23 @@ pub fn policy_json(data: &[u8]) {
     let limits = parsed.limits_for(a);
     for value in [limits.messages_per_second, limits.burst, limits.max_in_flight] {
         assert_ne!(value, Some(0), "a zero limit is refused at parse time");
+    }
+}
+
+/// Delivery receipts (`receipt::verify`): any text as a receipt never verifies as B's; a receipt B
+/// signs for any plaintext verifies with B's key only, and carries that plaintext's digest.
+pub fn receipt(data: &[u8]) {
+    let (a, b) = (&fixtures().a, &fixtures().b);
+    let mid = "b1a7e8c2-1234-4f56-9abc-1234567890ab";
+    if let Ok(text) = std::str::from_utf8(data) {
+        // Whatever the input, it is not a receipt signed by B (only B's private key makes those).
+        assert!(receipts::verify(text, &b.public, mid, &a.id, &b.id).is_err());
+    }
+    if data.len() <= ROUND_TRIP_MAX {
+        let made = receipts::Receipt::for_delivery(mid, &a.id, &b.id, "2026-12-03T20:00:00.000Z", data);
+        let jws = made.sign(&b.private).expect("B signs");
+        assert_eq!(receipts::verify(&jws, &b.public, mid, &a.id, &b.id).as_ref(), Ok(&made));
+        assert!(receipts::verify(&jws, &a.public, mid, &a.id, &b.id).is_err());
+        assert_eq!(made.digest, receipts::digest(data));
     }
 }
