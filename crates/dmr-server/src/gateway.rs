@@ -6,7 +6,7 @@ use crate::Core;
 use crate::delivery::DeliveryAnswer;
 use crate::metrics::GRPC_NAMESPACE;
 use crate::router::{SendBody, SendOutcome};
-use crate::session::{self, BadFrame, CloseReason, Gone, Inbound, Transport};
+use crate::session::{self, CloseReason, Gone, Inbound, Transport};
 use dmr::MessageError;
 use dmr::directory::{AgentEntry, Directory};
 use dmr::envelope::Envelope;
@@ -155,18 +155,17 @@ impl AgentGateway for Gateway {
     }
 }
 
-/// Why reading the agent's stream failed: tonic's decoder refusing a frame (too large, or not
-/// protobuf), which the agent is told, or the connection breaking.
+/// Why reading the agent's stream failed: tonic's decoder refusing a frame over the size limit
+/// (typed by its status code), which the agent is told, or anything else: the connection breaking.
 fn frame_error(status: &Status) -> CloseReason {
     match status.code() {
-        tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => CloseReason::BadFrame(BadFrame::TooLarge),
-        tonic::Code::Internal if status.message().contains("decode") => CloseReason::BadFrame(BadFrame::Undecodable),
+        tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => CloseReason::FrameTooLarge,
         _ => CloseReason::TransportLost,
     }
 }
 
 /// The stream's frames as session items: the end of the stream is the agent closing it, an error
-/// a lost connection or a frame the server cannot read.
+/// a lost connection or a frame over the size limit.
 fn inbound(
     core: Arc<Core>,
     frames: Streaming<SessionRequest>,
@@ -317,13 +316,10 @@ impl Transport for GrpcTransport {
             CloseReason::Revoked(why) => {
                 Status::permission_denied(format!("agent {} revoked: {}", self.agent_id, why.as_str()))
             }
-            CloseReason::BadFrame(BadFrame::TooLarge) => Status::resource_exhausted(format!(
+            CloseReason::FrameTooLarge => Status::resource_exhausted(format!(
                 "a frame over the server's size limit (MESSAGE_MAX_PAYLOAD_BYTES {} and the envelope around it): session ended",
                 self.core.cfg.message_max_payload_bytes
             )),
-            CloseReason::BadFrame(BadFrame::Undecodable) => {
-                Status::invalid_argument("a frame that is not a valid dmr.v1.SessionRequest: session ended")
-            }
             CloseReason::AgentClosed | CloseReason::TransportLost => return,
         };
         let _ = self.tx.send(Box::new(Err(status))).await;

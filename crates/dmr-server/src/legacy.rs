@@ -188,8 +188,9 @@ fn refuse(core: &Core, socket: SocketRef, agent_id: Option<String>, refusal: Ref
         &json!({"reason": refusal.reason, "message": refusal.message}),
     );
     // On the polling transport the reason waits for the client's next poll: disconnecting at once
-    // would drop it. The refused socket has no handlers meanwhile (nothing it sends is read).
-    tokio::spawn(async move {
+    // would drop it. The refused socket has no handlers meanwhile (nothing it sends is read). Tracked
+    // with the sessions, so a shutdown does not leave it behind.
+    core.tasks.spawn(async move {
         tokio::time::sleep(FLUSH_BEFORE_DISCONNECT).await;
         let _ = socket.disconnect();
     });

@@ -51,17 +51,9 @@ pub enum CloseReason {
     Revoked(Revocation),
     /// This server instance is shutting down: the agent should move to another one.
     ShuttingDown,
-    /// The agent sent a frame the server cannot read; it is told why, then the session ends.
-    BadFrame(BadFrame),
-}
-
-/// What was wrong with a frame the agent sent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BadFrame {
-    /// Over the size limit (`MESSAGE_MAX_PAYLOAD_BYTES` and the envelope around it).
-    TooLarge,
-    /// Not a valid message of the protocol.
-    Undecodable,
+    /// The agent sent a frame over the size limit (`MESSAGE_MAX_PAYLOAD_BYTES` and the envelope
+    /// around it); it is told why, then the session ends.
+    FrameTooLarge,
 }
 
 /// Why an agent lost its right to a session.
@@ -93,8 +85,7 @@ impl CloseReason {
             Self::Revoked(Revocation::Removed) => "revoked: removed from the directory",
             Self::Revoked(Revocation::Rekeyed) => "revoked: key changed in the directory",
             Self::ShuttingDown => "server shutting down",
-            Self::BadFrame(BadFrame::TooLarge) => "refused: the agent sent a frame over the size limit",
-            Self::BadFrame(BadFrame::Undecodable) => "refused: the agent sent a frame that is not a valid message",
+            Self::FrameTooLarge => "refused: the agent sent a frame over the size limit",
         }
     }
 
@@ -106,7 +97,7 @@ impl CloseReason {
     /// True when the agent is told the reason even though nothing more is read from it (its request
     /// stream failed, but the answers can still reach it).
     fn told_after_its_side_ended(self) -> bool {
-        matches!(self, Self::BadFrame(_))
+        matches!(self, Self::FrameTooLarge)
     }
 }
 
