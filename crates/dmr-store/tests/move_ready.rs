@@ -2,21 +2,13 @@
 //! queue or nowhere, atomically and durably.
 #![allow(clippy::unwrap_used)]
 
-use std::path::Path;
+mod common;
+use common::open;
+
 use std::time::Duration;
 
 use bytes::Bytes;
-use dmr_store::{HeaderValue, Headers, Message, QueueArgs, Store, StoreError, StoreOptions};
-
-fn open(dir: &Path) -> Store {
-    Store::open(
-        dir,
-        StoreOptions {
-            sweep_interval: Duration::from_millis(50),
-        },
-    )
-    .unwrap()
-}
+use dmr_store::{HeaderValue, Headers, Message, QueueArgs, Store, StoreError};
 
 fn bodies(ms: &[Message]) -> Vec<String> {
     ms.iter()

@@ -1,6 +1,9 @@
 //! Behaviour of the queue store: ordering, durability, consumers, TTL, dead-lettering.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+use common::open;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -12,16 +15,6 @@ use dmr_store::{
     X_DEATH_QUEUE, X_DEATH_REASON,
 };
 use tokio::time::timeout;
-
-fn open(dir: &Path) -> Store {
-    Store::open(
-        dir,
-        StoreOptions {
-            sweep_interval: Duration::from_millis(50),
-        },
-    )
-    .unwrap()
-}
 
 fn body(i: usize) -> Bytes {
     Bytes::from(format!("m{i}"))
